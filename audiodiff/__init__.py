@@ -1,0 +1,3 @@
+"""audiodiff: fine-tune and mass-generate mel-spectrogram audio diffusion models on Ray."""
+
+__version__ = "0.1.0"

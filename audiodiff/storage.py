@@ -1,0 +1,137 @@
+"""URIs (plain paths, file://, s3://, gs://) -> pyarrow filesystems; whole-or-absent writes; listing.
+
+S3 takes its credentials and region from the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, instance roles) and its endpoint from
+AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000 for MinIO or moto). GCS uses
+Google's application default credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from audiodiff.errors import AudiodiffError
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("s3", "gs", "gcs")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return pafs.S3FileSystem()
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A URI -> (filesystem, path inside it). Plain paths are made absolute."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
+        raise AudiodiffError(f"{uri}: unsupported storage scheme '{parsed.scheme}://'; use a path, file://, s3:// or gs://")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri) or uri.startswith("file://"):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return _info(fs, path, uri).type == pafs.FileType.Directory
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot reach storage ({e})") from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise AudiodiffError(f"{uri}: no such file") from None
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot read ({e})") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file whole or not at all: a temporary name then a rename locally, one upload on object
+    storage (an object appears only once its upload completes)."""
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(temporary, "wb") as f:
+                    f.write(data)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot write ({e})") from None
+
+
+def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """Every file under `uri`, recursively, as URIs in the same form, sorted; optionally by extension."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        raise AudiodiffError(f"{uri}: no such directory") from None
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot list ({e})") from None
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                   and (extensions is None or i.path.lower().endswith(extensions)))
+    return [join(uri, posixpath.relpath(f, path) if not isinstance(fs, pafs.LocalFileSystem)
+                 else os.path.relpath(f, path)) for f in files]
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy a folder from storage to a local folder."""
+    fs, path = resolve(uri)
+    if not is_dir(uri):
+        raise AudiodiffError(f"{uri}: no such directory")
+    try:
+        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot download ({e})") from None
+
+
+def upload_dir(local_dir: str, uri: str, last: tuple[str, ...] = ()) -> None:
+    """Copy a local folder's files to storage, each written whole; files named in `last` (relative paths)
+    go after the rest, so that a reader who waits for them sees a complete folder."""
+    files = sorted(os.path.relpath(os.path.join(root, name), local_dir)
+                   for root, _, names in os.walk(local_dir) for name in names)
+    for relative in sorted(files, key=lambda f: f in last):
+        with open(os.path.join(local_dir, relative), "rb") as f:
+            write_bytes(join(uri, *relative.split(os.sep)), f.read())
+

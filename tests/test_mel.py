@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Mel
+from PIL import Image
+
+from audiodiff.errors import AudiodiffError
+from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.synth import synthesize
+
+SR = 22050
+
+
+def reference_images(audio: np.ndarray, config: MelConfig) -> np.ndarray:
+    mel = Mel(**vars(config))
+    mel.load_audio(raw_audio=audio)
+    return np.stack([np.asarray(mel.audio_slice_to_image(i)) for i in range(mel.get_number_of_slices())])
+
+
+def _signals():
+    rng = np.random.default_rng(1)
+    t = np.arange(SR * 13) / SR
+    return {
+        "tone": (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+        "tone sweep": (0.3 * np.sin(2 * np.pi * (100 + 300 * t) * t)).astype(np.float32),
+        "white noise": (0.1 * rng.standard_normal(t.size)).astype(np.float32),
+        "drone": synthesize("drone", 13, SR, seed=2),
+        "beats": synthesize("beats", 13, SR, seed=3),
+        "arpeggio": synthesize("arpeggio", 13, SR, seed=4),
+        "silence": np.zeros(SR * 7, dtype=np.float32),
+        "shorter than one slice": synthesize("beats", 2.0, SR, seed=5),
+        "one sample": np.array([0.5], dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("config", [MelConfig(), MelConfig(x_res=64, y_res=64)], ids=["256", "64"])
+@pytest.mark.parametrize("kind", list(_signals()))
+def test_audio_to_images_matches_diffusers_mel(kind, config):
+    audio = _signals()[kind]
+    expected = reference_images(audio, config)
+    ours = MelCodec(config).audio_to_images(audio)
+    assert ours.dtype == torch.uint8
+    assert tuple(ours.shape) == expected.shape  # same slice count and padding as Mel
+    difference = np.abs(ours.numpy().astype(int) - expected.astype(int))
+    assert difference.max() <= 1
+    assert (difference == 0).mean() >= 0.999
+
+
+def test_audio_to_images_takes_numpy_and_torch_and_chunks_long_audio():
+    config = MelConfig(x_res=64, y_res=64)
+    audio = synthesize("drone", 60, SR, seed=0)
+    whole = MelCodec(config, slices_per_batch=1000).audio_to_images(audio)
+    chunked = MelCodec(config, slices_per_batch=3).audio_to_images(torch.from_numpy(audio))
+    assert whole.shape[0] == len(audio) // config.slice_size
+    assert torch.equal(whole, chunked)
+
+
+def _reencoding_error(audio: np.ndarray, image: np.ndarray, config: MelConfig) -> float:
+    return float(np.abs(reference_images(audio.astype(np.float32), config)[0].astype(int) - image.astype(int)).mean())
+
+
+def test_inverse_reencodes_at_least_as_close_as_librosa():
+    config = MelConfig()
+    audio = np.concatenate([synthesize("arpeggio", 6, SR, seed=7), synthesize("beats", 6, SR, seed=8)])
+    images = reference_images(audio, config)
+    reference = Mel(**vars(config))
+    librosa_error = np.mean([_reencoding_error(reference.image_to_audio(Image.fromarray(im)), im, config)
+                             for im in images])
+    ours = MelCodec(config).images_to_audio(torch.from_numpy(images))
+    our_error = np.mean([_reencoding_error(a, im, config) for a, im in zip(ours.numpy(), images)])
+    assert our_error <= librosa_error, (our_error, librosa_error)
+
+
+@pytest.mark.parametrize("factor", [1, 4])
+def test_images_to_audio_lengths_standard_and_extended(factor):
+    config = MelConfig()
+    images = torch.randint(0, 256, (2, 256, 256 * factor), dtype=torch.uint8)
+    audio = MelCodec(config).images_to_audio(images)
+    assert audio.dtype == torch.float32
+    assert tuple(audio.shape) == (2, 512 * (256 * factor - 1))
+    seconds = audio.shape[1] / config.sample_rate
+    assert seconds == pytest.approx({1: 5.92, 4: 23.75}[factor], abs=0.01)
+
+
+def test_images_to_audio_is_the_same_alone_or_in_a_batch():
+    config = MelConfig(x_res=64, y_res=64)
+    codec = MelCodec(config)
+    images = codec.audio_to_images(synthesize("arpeggio", 8, SR, seed=9))
+    batch = codec.images_to_audio(images)
+    for i in range(images.shape[0]):
+        torch.testing.assert_close(codec.images_to_audio(images[i:i + 1])[0], batch[i], atol=1e-5, rtol=1e-4)
+
+
+def test_images_to_audio_rejects_wrong_shapes_and_dtypes():
+    codec = MelCodec(MelConfig(x_res=64, y_res=64))
+    with pytest.raises(ValueError, match="uint8"):
+        codec.images_to_audio(torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match=r"\[batch, 64, width\]"):
+        codec.images_to_audio(torch.zeros(1, 32, 64, dtype=torch.uint8))
+
+
+def test_mel_config_json_round_trips_with_diffusers(tmp_path):
+    config = MelConfig(x_res=64, y_res=128, hop_length=256, top_db=60, n_iter=16)
+    (tmp_path / "mel_config.json").write_text(config.to_json())
+    loaded = Mel.from_pretrained(str(tmp_path))
+    assert (loaded.x_res, loaded.y_res, loaded.hop_length, loaded.top_db, loaded.n_iter) == (64, 128, 256, 60, 16)
+    Mel(x_res=32, y_res=48, sample_rate=16000).save_config(str(tmp_path / "theirs"))
+    theirs = MelConfig.from_json((tmp_path / "theirs" / "mel_config.json").read_text())
+    assert theirs == MelConfig(x_res=32, y_res=48, sample_rate=16000)
+    assert json.loads(config.to_json())["_class_name"] == "Mel"
+
+
+def test_mel_config_rejects_bad_values():
+    with pytest.raises(AudiodiffError, match="x_res must be a positive integer"):
+        MelConfig(x_res=0)
+    with pytest.raises(AudiodiffError, match="unknown mel config keys"):
+        MelConfig.from_dict({"x_res": 64, "hop": 3})
+    with pytest.raises(AudiodiffError, match="not valid JSON"):
+        MelConfig.from_json("{", "model/mel/mel_config.json")
