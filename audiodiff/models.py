@@ -91,17 +91,21 @@ def load_model(name: str) -> PipelineParts:
         return load_model_folder(storage.resolve(name)[1], source=name)
     if _HUB_ID.match(name):
         return load_model_folder(_download_from_hub(name), source=name)
-    raise AudiodiffError(f"{name}: no such model folder, and not a hub id (owner/name), an s3:// or gs:// URI "
-                         f"or a preset ({', '.join(sorted(PRESETS))})")
+    raise _no_such_model(name)
 
 
-def _download_from_hub(repo_id: str) -> str:
+def _no_such_model(name: str) -> AudiodiffError:
+    return AudiodiffError(f"{name}: no such model folder, and not a hub id (owner/name), an s3:// or gs:// URI "
+                          f"or a preset ({', '.join(sorted(PRESETS))})")
+
+
+def _download_from_hub(repo_id: str, patterns: list[str] | None = None) -> str:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=["model_index.json", "*/*.json", f"*/{_WEIGHTS}"])
+            repo_id, allow_patterns=patterns or ["model_index.json", "*/*.json", f"*/{_WEIGHTS}"])
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise AudiodiffError(f"{repo_id}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: "
                              f"{str(e).splitlines()[0]}); pass a local folder or an s3:// / gs:// URI") from None
@@ -185,3 +189,17 @@ def _write_model_folder(parts: PipelineParts, folder: str) -> None:
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def load_mel_config(name: str) -> MelConfig:
+    """Only the mel config of a model (preset, folder, URI or hub id), without loading its weights."""
+    if name in PRESETS:
+        return PRESETS[name][1]
+    if storage.is_remote(name) or os.path.exists(name) or name.startswith("file://"):
+        path = storage.join(name, "mel", "mel_config.json")
+        return MelConfig.from_json(storage.read_bytes(path).decode(), path)
+    if _HUB_ID.match(name):
+        folder = _download_from_hub(name, patterns=["mel/mel_config.json"])
+        with open(os.path.join(folder, "mel", "mel_config.json")) as f:
+            return MelConfig.from_json(f.read(), f"{name}/mel/mel_config.json")
+    raise _no_such_model(name)

@@ -33,29 +33,50 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's standalone S3 server on loopback for the whole session; stopped at the end."""
+    """moto's standalone S3 server on loopback for the whole session; stopped at the end.
+
+    The standard AWS variables point at it for the whole session, set before any Ray starts, because Ray's
+    worker processes keep the environment they started with (as on a cluster, where nodes carry it).
+    """
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
     try:
         _wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
+        os.environ.update(_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+        yield endpoint
     finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         process.terminate()
         process.wait(timeout=10)
 
 
+_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": ""}
+
+
 @pytest.fixture
-def s3_bucket(s3_endpoint, monkeypatch):
-    """A fresh bucket on the loopback endpoint, with the standard AWS variables pointing at it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the loopback endpoint."""
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
                            access_key="testing", secret_key="testing", region="us-east-1",
                            allow_bucket_creation=True)
     fs.create_dir(bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_endpoint):
+    """One private local Ray (loopback) shared by the tests that run Ray Data jobs; started after the S3
+    endpoint so that its workers see it."""
+    import ray
+
+    from audiodiff.runtime import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()

@@ -1,0 +1,5 @@
+import sys
+
+from audiodiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,12 @@
+"""audio collections -> spectrogram dataset. Same flags as `audiodiff preprocess`; runs as is on a local Ray
+and under `ray job submit -- python jobs/preprocess.py ...`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout or working_dir
+
+from audiodiff.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["preprocess", *sys.argv[1:]]))

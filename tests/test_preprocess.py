@@ -1,0 +1,181 @@
+import io
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+from diffusers import Mel
+from PIL import Image
+
+from audiodiff import storage
+from audiodiff.audio import load_audio
+from audiodiff.cli import main
+from audiodiff.mel import MelConfig
+from audiodiff.synth import synthesize
+
+TINY = MelConfig(x_res=64, y_res=64)  # the tiny preset's mel config: 1.49 s slices, fast tests
+
+
+def write(path, audio, rate=44100, subtype=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, audio, rate, subtype=subtype)
+    return path
+
+
+def run(*args):
+    assert main(["preprocess", *map(str, args), "--model", "tiny"]) == 0
+
+
+def read_output(output):
+    slices = pq.read_table([f for f in storage.list_files(str(output)) if "/data/" in f.replace("\\", "/")]
+                           if not str(output).startswith("s3://") else
+                           [storage.resolve(f)[1] for f in storage.list_files(f"{output}/data")],
+                           filesystem=storage.resolve(str(output))[0] if str(output).startswith("s3://") else None)
+    rejects = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/rejects.parquet")))
+    stats = json.loads(storage.read_bytes(f"{output}/stats.json"))
+    return slices, {r["source"]: r["reason"] for r in rejects.to_pylist()}, stats
+
+
+def expected_slices(path) -> int:
+    """What diffusers' Mel makes of the same audio, less the silent (all white) slices."""
+    mel = Mel(**vars(TINY))
+    mel.load_audio(raw_audio=load_audio(path, TINY.sample_rate))
+    images = [np.asarray(mel.audio_slice_to_image(i)) for i in range(mel.get_number_of_slices())]
+    return sum(image.min() < 255 for image in images)
+
+
+@pytest.fixture
+def genre_folder(tmp_path):
+    root = tmp_path / "music"
+    for genre, seconds in (("drone", 7.3), ("beats", 4.1), ("arpeggio", 10.0)):
+        for i, ext in enumerate(("wav", "flac", "ogg", "mp3")):
+            write(root / genre / f"{genre} {i}.{ext}", synthesize(genre, seconds + i, 44100, seed=i))
+    return root
+
+
+def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    run(genre_folder, "--output", output, "--genre-from-folder", "--genre", "drone", "--genre", "arpeggio")
+    printed = capsys.readouterr().out
+    assert "beats                           4" in printed and "drone                           4 *" in printed
+    slices, rejects, stats = read_output(output)
+    assert rejects == {}
+    assert stats["tracks_read"] == stats["tracks_written"] == 8
+    assert set(slices["genre"].to_pylist()) == {"drone", "arpeggio"}
+    per_file = {}
+    for source in slices["audio_file"].to_pylist():
+        per_file[source] = per_file.get(source, 0) + 1
+    assert len(per_file) == 8
+    for source, count in per_file.items():
+        assert count == expected_slices(source), source
+    assert stats["slices_written"] == len(slices) == sum(g["slices"] for g in stats["per_genre"].values())
+    assert stats["per_genre"]["drone"]["tracks"] == 4
+    assert MelConfig.from_json((output / "mel_config.json").read_text()) == TINY
+
+
+def test_output_loads_in_datasets_with_an_image_column(local_ray, genre_folder, tmp_path):
+    output = tmp_path / "out"
+    run(genre_folder / "beats", "--output", output, "--limit", "2")
+    loaded = datasets.load_dataset("parquet", data_files=str(output / "data" / "*.parquet"), split="train")
+    assert isinstance(loaded.features["image"], datasets.Image)
+    image = loaded[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (64, 64) and image.mode == "L"
+    assert json.loads((output / "stats.json").read_text())["tracks_read"] == 2
+
+
+def test_random_slice_takes_one_slice_per_track(local_ray, genre_folder, tmp_path):
+    output = tmp_path / "out"
+    run(genre_folder / "arpeggio", "--output", output, "--slices", "random")
+    slices, _, stats = read_output(output)
+    assert len(slices) == stats["tracks_written"] == 4
+    assert len(set(slices["audio_file"].to_pylist())) == 4
+
+
+def _hf_dataset(tmp_path) -> datasets.Dataset:
+    """Shaped like lewtun/music_genres: `audio` holds encoded bytes and a path, `genre` a string."""
+    audio = []
+    for i in range(4):
+        path = write(tmp_path / "hf" / f"song{i}.mp3", synthesize("beats", 5 + i, 44100, seed=i))
+        audio.append({"bytes": path.read_bytes(), "path": path.name})
+    table = pa.table({"audio": pa.array(audio, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "song_id": list(range(4)), "genre": ["Hip Hop", "Rock", "Hip Hop", "Pop"]})
+    # built from Arrow: datasets' own audio encoding needs torchcodec, which audiodiff does not use
+    features = datasets.Features({"audio": datasets.Audio(decode=False), "song_id": datasets.Value("int64"),
+                                  "genre": datasets.Value("string")})
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
+
+
+def test_hf_style_parquet_and_genre_filter(local_ray, tmp_path):
+    _hf_dataset(tmp_path).to_parquet(str(tmp_path / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    output = tmp_path / "out"
+    run(tmp_path / "parquet", "--output", output, "--genre", "Hip Hop")
+    slices, rejects, stats = read_output(output)
+    assert rejects == {} and stats["tracks_read"] == 2
+    assert set(slices["genre"].to_pylist()) == {"Hip Hop"}
+    assert sorted(set(slices["audio_file"].to_pylist())) == ["song0.mp3", "song2.mp3"]
+
+
+def test_saved_dataset_and_several_sources(local_ray, tmp_path, genre_folder):
+    _hf_dataset(tmp_path).save_to_disk(str(tmp_path / "saved"))
+    output = tmp_path / "out"
+    run(tmp_path / "saved", genre_folder / "drone", "--output", output)
+    slices, rejects, stats = read_output(output)
+    assert rejects == {} and stats["tracks_read"] == 4 + 4
+    assert {"Hip Hop", "Rock", "Pop", None} == set(slices["genre"].to_pylist())
+
+
+def test_s3_source_and_s3_output(local_ray, s3_bucket, genre_folder, tmp_path):
+    for path in sorted((genre_folder / "drone").iterdir())[:2]:
+        storage.write_bytes(f"{s3_bucket}/in/drone/{path.name}", path.read_bytes())
+    storage.write_bytes(f"{s3_bucket}/in/drone/bad.wav", b"RIFF....WAVEnot really")
+    run(f"{s3_bucket}/in", "--output", f"{s3_bucket}/out", "--genre-from-folder")
+    slices, rejects, stats = read_output(f"{s3_bucket}/out")
+    assert stats["tracks_read"] == 3 and stats["tracks_written"] == 2
+    assert list(rejects) == [f"{s3_bucket}/in/drone/bad.wav"]
+    assert all(s.startswith(f"{s3_bucket}/in/drone/") for s in slices["audio_file"].to_pylist())
+
+
+def test_bad_input_is_rejected_with_reasons_and_odd_input_is_processed(local_ray, tmp_path):
+    src = tmp_path / "mixed"
+    tone = synthesize("drone", 3, 44100, seed=9)
+    good = {
+        "8 bit.wav": (tone, 44100, "PCM_U8"), "24 bit.wav": (tone, 44100, "PCM_24"),
+        "float.wav": (tone, 44100, "FLOAT"), "8 kHz.flac": (synthesize("beats", 3, 8000), 8000, None),
+        "96 kHz.wav": (synthesize("beats", 3, 96000), 96000, "PCM_16"),
+        "six channels.wav": (np.tile(tone[:, None], (1, 6)), 44100, "PCM_16"),
+        "ünïcödé 日本.ogg": (tone, 44100, None), "short.wav": (tone[:20000], 44100, None),
+    }
+    for name, (audio, rate, subtype) in good.items():
+        write(src / name, audio, rate, subtype)
+    nan = tone.copy()
+    nan[7] = np.nan
+    write(src / "nan.wav", nan, 44100, "FLOAT")
+    (src / "empty.wav").write_bytes(b"")
+    (src / "text.mp3").write_bytes(b"not an mp3 at all" * 40)
+    whole = (src / "24 bit.wav").read_bytes()
+    (src / "truncated.wav").write_bytes(whole[: len(whole) // 2])
+    write(src / "silence.flac", np.zeros(44100 * 4, dtype=np.float32))
+    output = tmp_path / "out"
+    run(src, "--output", output)
+    slices, rejects, stats = read_output(output)
+    reasons = {k.rsplit("/", 1)[-1]: v for k, v in rejects.items()}
+    assert reasons.keys() == {"nan.wav", "empty.wav", "text.mp3", "truncated.wav", "silence.flac"}
+    assert "non-finite" in reasons["nan.wav"] and "empty file" in reasons["empty.wav"]
+    assert "not decodable" in reasons["text.mp3"] and "truncated" in reasons["truncated.wav"]
+    assert "entirely silent" in reasons["silence.flac"]
+    assert {s.rsplit("/", 1)[-1] for s in slices["audio_file"].to_pylist()} == set(good)
+    assert stats["tracks_read"] == stats["tracks_written"] + stats["tracks_rejected"] == len(good) + 5
+
+
+def test_missing_source_and_unwritable_output_stop_with_a_message(local_ray, tmp_path, genre_folder, capsys):
+    assert main(["preprocess", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 1
+    assert "nowhere: source not found" in capsys.readouterr().err
+    (tmp_path / "a file").write_text("x")
+    assert main(["preprocess", str(genre_folder), "--output", str(tmp_path / "a file" / "out")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    run(genre_folder / "beats", "--output", tmp_path / "twice", "--limit", "1")
+    assert main(["preprocess", str(genre_folder / "beats"), "--output", str(tmp_path / "twice")]) == 1
+    assert "already holds a spectrogram dataset" in capsys.readouterr().err
