@@ -49,6 +49,12 @@ SLICE_SCHEMA = pa.schema(
 )
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
 DATA_DIR = "data"
+# Reading, reshaping rows, filtering and writing parts are light next to the spectrograms. Spectrogram actors
+# take 3/4 of a CPU and every light step 1/4, so a full pool of one actor per core still leaves room to
+# feed and drain it; with whole CPUs a light step that does not fuse into the actors (after --limit, say)
+# waits forever for a CPU on a 2-core machine (as RAY_NOTES.md's Train + Data hang).
+ACTOR_CPUS = 0.75
+LIGHT_CPUS = 0.25
 _HUB_DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -115,14 +121,14 @@ def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
     # the reader names files by their path inside the filesystem; map back to the URIs we listed
     by_path = {storage.resolve(f)[1]: f for f in selected}
     dataset = ray.data.read_binary_files([storage.resolve(f)[1] for f in selected], filesystem=fs,
-                                         include_paths=True)
+                                         include_paths=True, num_cpus=LIGHT_CPUS)
 
     def to_tracks(batch: pa.Table) -> pa.Table:
         sources = [by_path[p] for p in batch["path"].to_pylist()]
         return pa.table({"source": sources, "bytes": batch["bytes"],
                          "genre": [genres[s] for s in sources]}, schema=TRACK_SCHEMA)
 
-    return Tracks(dataset.map_batches(to_tracks, batch_format="pyarrow"), counts)
+    return Tracks(dataset.map_batches(to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), counts)
 
 
 def _hub_filesystem():
@@ -164,9 +170,9 @@ def _open_parquet(paths: list[str], filesystem, uri: str, config: PreprocessConf
     if "audio" not in schema.names:
         raise AudiodiffError(f"{uri}: parquet has no 'audio' column (columns: {', '.join(schema.names)})")
     columns = ["audio"] + (["genre"] if "genre" in schema.names else [])
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True).select_columns(
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True, num_cpus=LIGHT_CPUS).select_columns(
         columns + ["path"])
-    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow"), config),
+    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), config),
                   collections.Counter(genres))
 
 
@@ -185,8 +191,8 @@ def _open_saved_dataset(path: str, config: PreprocessConfig) -> Tracks:
         raise AudiodiffError(f"{path}: dataset has no 'audio' column (columns: {', '.join(saved.column_names)})")
     genres = saved["genre"] if "genre" in saved.column_names else [None] * len(saved)
     files = [f["filename"] for f in saved.cache_files]
-    dataset = ray.data.read_datasource(_ArrowStreamFiles(files, include_paths=True))
-    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow"), config),
+    dataset = ray.data.read_datasource(_ArrowStreamFiles(files, include_paths=True), num_cpus=LIGHT_CPUS)
+    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), config),
                   collections.Counter(genres))
 
 
@@ -216,7 +222,7 @@ def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
 def _filter(dataset: ray.data.Dataset, config: PreprocessConfig) -> ray.data.Dataset:
     if not config.genres:
         return dataset
-    return dataset.filter(expr=col("genre").is_in(list(config.genres)))
+    return dataset.filter(expr=col("genre").is_in(list(config.genres)), num_cpus=LIGHT_CPUS)
 
 
 # work per track
@@ -280,6 +286,10 @@ class SpectrogramSink(Datasink):
     def __init__(self, output: str, started: float):
         self.output = output
         self.started = started
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return 32  # tracks per part: about 150 slices of 30 s tracks, instead of many tiny parquet files
 
     def write(self, blocks, ctx) -> dict:
         slices, seen = [], {"tracks": [], "rejects": []}
@@ -363,11 +373,11 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     tracks = opened[0].dataset.union(*[o.dataset for o in opened[1:]]) if len(opened) > 1 else opened[0].dataset
     if config.limit is not None:
         tracks = tracks.limit(config.limit)
-    workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
+            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
     spectrograms = tracks.map_batches(
         SpectrogramMaker, fn_constructor_args=(config.mel, config.slices, config.seed),
-        batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
     )
-    spectrograms.write_datasink(SpectrogramSink(config.output, started))
+    spectrograms.write_datasink(SpectrogramSink(config.output, started), ray_remote_args={"num_cpus": LIGHT_CPUS})
     return json.loads(storage.read_bytes(storage.join(config.output, "stats.json")))

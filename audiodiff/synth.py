@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 GENRES = ("drone", "beats", "arpeggio")
@@ -32,3 +34,35 @@ def synthesize(genre: str, seconds: float, sample_rate: int = 22050, seed: int =
         raise ValueError(f"unknown genre '{genre}'; choose one of {GENRES}")
     audio = audio + 0.01 * rng.standard_normal(t.size)
     return (0.8 * audio / np.abs(audio).max()).astype(np.float32)
+
+
+def write_examples(folder: str, tracks_per_genre: int = 4, seconds: float = 12.0, sample_rate: int = 44100,
+                   formats: tuple[str, ...] = ("wav", "flac", "mp3")) -> list[str]:
+    """A folder of example tracks, `<folder>/<genre>/<genre>-<n>.<ext>`, formats taken in turn."""
+    import soundfile
+
+    from audiodiff import storage
+
+    written = []
+    for g, genre in enumerate(GENRES):
+        for n in range(tracks_per_genre):
+            ext = formats[n % len(formats)]
+            buffer = io.BytesIO()
+            soundfile.write(buffer, synthesize(genre, seconds, sample_rate, seed=100 * g + n), sample_rate,
+                            format=ext.upper() if ext != "mp3" else "MP3")
+            uri = storage.join(folder, genre, f"{genre}-{n}.{ext}")
+            storage.write_bytes(uri, buffer.getvalue())
+            written.append(uri)
+    return written
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a folder of synthetic music-like tracks, one folder per genre.")
+    parser.add_argument("folder", help="where to write them (path, s3:// or gs://)")
+    parser.add_argument("--tracks-per-genre", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    args = parser.parse_args()
+    files = write_examples(args.folder, args.tracks_per_genre, args.seconds)
+    print(f"wrote {len(files)} tracks ({', '.join(GENRES)}) to {args.folder}")

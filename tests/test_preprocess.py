@@ -78,7 +78,8 @@ def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path
 
 def test_output_loads_in_datasets_with_an_image_column(local_ray, genre_folder, tmp_path):
     output = tmp_path / "out"
-    run(genre_folder / "beats", "--output", output, "--limit", "2")
+    # a fixed pool of one actor per CPU with --limit: light steps must still find a CPU (no stall)
+    run(genre_folder / "beats", "--output", output, "--limit", "2", "--num-cpus", "2")
     loaded = datasets.load_dataset("parquet", data_files=str(output / "data" / "*.parquet"), split="train")
     assert isinstance(loaded.features["image"], datasets.Image)
     image = loaded[0]["image"]
