@@ -151,7 +151,7 @@ def _hub_parquet_files(uri: str) -> list[str]:
         if not files:  # datasets stored in other formats: the hub's own parquet export
             files = sorted(fs.glob(f"{path}@refs%2Fconvert%2Fparquet/**/*.parquet"))
     except Exception as e:  # noqa: BLE001 - fsspec raises many kinds; all mean "cannot read the hub"
-        raise AudiodiffError(f"{uri}: cannot list the dataset on the Hugging Face Hub ({type(e).__name__}: {e})")
+        raise AudiodiffError(f"{uri}: cannot list the dataset on the Hugging Face Hub ({type(e).__name__}: {e})") from None
     if not files:
         raise AudiodiffError(f"{uri}: no parquet files on the Hugging Face Hub")
     return files

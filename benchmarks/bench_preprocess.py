@@ -11,12 +11,11 @@ Also: where one worker's time goes per track (decode, resample, mel, PNG), measu
 """
 
 import argparse
-import io
 import os
+import shutil
 import tempfile
 import time
 
-import numpy as np
 import ray
 import soundfile
 import torch
@@ -61,13 +60,20 @@ def stage_breakdown(files: list[str], config: MelConfig) -> dict[str, float]:
 
 
 def main():
+    work = tempfile.mkdtemp(prefix="bench-preprocess-")
+    try:
+        run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: str):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracks", type=int, default=96, help="tracks in all, mp3 and flac alternating")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=8, help="the job reads the tracks as this many sources")
     args = parser.parse_args()
     config = MelConfig()
-    work = tempfile.mkdtemp(prefix="bench-preprocess-")
     files = write_examples(os.path.join(work, "audio"), tracks_per_genre=max(1, args.tracks // 3),
                            seconds=args.seconds, formats=("mp3", "flac"))
     audio_seconds = len(files) * args.seconds

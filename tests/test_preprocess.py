@@ -180,3 +180,11 @@ def test_missing_source_and_unwritable_output_stop_with_a_message(local_ray, tmp
     run(genre_folder / "beats", "--output", tmp_path / "twice", "--limit", "1")
     assert main(["preprocess", str(genre_folder / "beats"), "--output", str(tmp_path / "twice")]) == 1
     assert "already holds a spectrogram dataset" in capsys.readouterr().err
+
+
+def test_hub_dataset_id_that_cannot_be_reached_is_a_clear_error(local_ray, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no hub here; offline mode fails at once
+    assert main(["preprocess", "lewtun/music_genres", "--output", str(tmp_path / "out")]) == 1
+    assert "hf://datasets/lewtun/music_genres: cannot list the dataset on the Hugging Face Hub" in capsys.readouterr().err
