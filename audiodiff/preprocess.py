@@ -93,8 +93,8 @@ def open_source(uri: str, config: PreprocessConfig) -> Tracks:
         if local and _HUB_DATASET_ID.match(uri) and not uri.startswith("."):
             return open_source(f"hf://datasets/{uri}", config)
         raise AudiodiffError(f"{uri}: source not found (not a file, a folder, an object-storage URI or a hub id)")
-    if storage.is_dir(uri) and storage.exists(storage.join(uri, "state.json")) or \
-            storage.exists(storage.join(uri, "dataset_dict.json")):
+    saved_by_datasets = any(storage.exists(storage.join(uri, marker)) for marker in ("state.json", "dataset_dict.json"))
+    if saved_by_datasets:
         if not local:
             raise AudiodiffError(f"{uri}: datasets saved with save_to_disk are read from local disk only; "
                                  "write it as parquet (Dataset.to_parquet) to read it from object storage")

@@ -111,8 +111,7 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
         raise AudiodiffError(f"{uri}: cannot list ({e})") from None
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File
                    and (extensions is None or i.path.lower().endswith(extensions)))
-    return [join(uri, posixpath.relpath(f, path) if not isinstance(fs, pafs.LocalFileSystem)
-                 else os.path.relpath(f, path)) for f in files]
+    return [join(uri, *f[len(path):].lstrip("/").split("/")) for f in files]
 
 
 def download_dir(uri: str, local_dir: str) -> None:

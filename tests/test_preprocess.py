@@ -30,10 +30,8 @@ def run(*args):
 
 
 def read_output(output):
-    slices = pq.read_table([f for f in storage.list_files(str(output)) if "/data/" in f.replace("\\", "/")]
-                           if not str(output).startswith("s3://") else
-                           [storage.resolve(f)[1] for f in storage.list_files(f"{output}/data")],
-                           filesystem=storage.resolve(str(output))[0] if str(output).startswith("s3://") else None)
+    fs, data = storage.resolve(f"{output}/data")
+    slices = pq.read_table(data, filesystem=fs)
     rejects = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/rejects.parquet")))
     stats = json.loads(storage.read_bytes(f"{output}/stats.json"))
     return slices, {r["source"]: r["reason"] for r in rejects.to_pylist()}, stats
@@ -121,10 +119,12 @@ def test_hf_style_parquet_and_genre_filter(local_ray, tmp_path):
 
 def test_saved_dataset_and_several_sources(local_ray, tmp_path, genre_folder):
     _hf_dataset(tmp_path).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": _hf_dataset(tmp_path).select([0]), "test": _hf_dataset(tmp_path)}).save_to_disk(
+        str(tmp_path / "saved splits"))
     output = tmp_path / "out"
-    run(tmp_path / "saved", genre_folder / "drone", "--output", output)
+    run(tmp_path / "saved", tmp_path / "saved splits", genre_folder / "drone", "--output", output)
     slices, rejects, stats = read_output(output)
-    assert rejects == {} and stats["tracks_read"] == 4 + 4
+    assert rejects == {} and stats["tracks_read"] == 4 + 1 + 4
     assert {"Hip Hop", "Rock", "Pop", None} == set(slices["genre"].to_pylist())
 
 
