@@ -55,13 +55,46 @@ def _run_preprocess(args) -> None:
           f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {config.output}")
 
 
+def _generate_parser(subparsers, common) -> None:
+    p = subparsers.add_parser("generate", parents=[common],
+                              help="mass-generate standard and extended clips (Ray Data batch inference)")
+    p.add_argument("--model", required=True, help="hub id, model folder or URI (or a preset, untrained)")
+    p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
+    p.add_argument("--num-clips", type=int, default=4, help="standard clips (x_res frames)")
+    p.add_argument("--num-extended", type=int, default=0, help="extended clips (--extend-factor x x_res frames)")
+    p.add_argument("--extend-factor", type=float, default=4.0)
+    p.add_argument("--scheduler", default="ddpm", help="ddpm (default) or ddim")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic sampling)")
+    p.add_argument("--seed", type=int, default=0, help="clip seeds derive from this and the clip's index")
+    p.add_argument("--batch-size", type=int, default=4, help="clips denoised together")
+    p.add_argument("--concurrency", type=int, default=1, help="actors (one GPU each with --gpu)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--target-dbfs", type=float, default=-1.0, help="peak level of each saved clip")
+
+
+def _run_generate(args) -> None:
+    from audiodiff.generate import GenerateConfig, run_generate
+
+    config = GenerateConfig(
+        model=args.model, output=args.output, num_clips=args.num_clips, num_extended=args.num_extended,
+        extend_factor=args.extend_factor, scheduler=args.scheduler, steps=args.steps, eta=args.eta,
+        seed=args.seed, batch_size=args.batch_size, concurrency=args.concurrency, gpu=args.gpu,
+        target_dbfs=args.target_dbfs,
+    )
+    _init_ray(args)
+    result = run_generate(config)
+    print(f"generate: {result['written']} clips written, {result['skipped']} already there, "
+          f"{result['planned']} in the manifest -> {result['index']}")
+
+
 def _init_ray(args) -> None:
     from audiodiff.runtime import init_ray
 
     init_ray(args.address)
 
 
-STAGES = {"preprocess": (_preprocess_parser, _run_preprocess)}
+STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "generate": (_generate_parser, _run_generate)}
 
 
 def build_parser() -> argparse.ArgumentParser:

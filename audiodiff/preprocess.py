@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from PIL import Image
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.expressions import col
 
 from audiodiff import storage
 from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
+from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 
@@ -266,14 +266,8 @@ class SpectrogramMaker:
         if self.slices == "random" and audible:
             rng = np.random.default_rng([self.seed, zlib.crc32(source.encode())])
             audible = [audible[rng.integers(len(audible))]]
-        return {"slices": audible, "pngs": [_png(images[i].numpy()) for i in audible], "silent": silent,
+        return {"slices": audible, "pngs": [png_bytes(images[i].numpy()) for i in audible], "silent": silent,
                 "seconds": len(audio) / self.codec.config.sample_rate}
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # output

@@ -24,7 +24,8 @@ from diffusers import Mel
 
 from audiodiff import audio
 from audiodiff.mel import MelCodec, MelConfig
-from audiodiff.preprocess import PreprocessConfig, _png, run_preprocess
+from audiodiff.encode import png_bytes
+from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.synth import write_examples
 
 
@@ -52,7 +53,7 @@ def stage_breakdown(files: list[str], config: MelConfig) -> dict[str, float]:
         images = codec.audio_to_images(resampled)
         t3 = time.perf_counter()
         for image in images:
-            _png(image.numpy())
+            png_bytes(image.numpy())
         t4 = time.perf_counter()
         for key, seconds in zip(totals, (t1 - start, t2 - t1, t3 - t2, t4 - t3)):
             totals[key] += seconds / len(files)

@@ -1,0 +1,23 @@
+"""Encoding outputs to bytes: spectrogram images as PNG, clips as 16-bit PCM WAV."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [height, width] -> grayscale PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio in [-1, 1] -> 16-bit PCM WAV."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
