@@ -16,6 +16,7 @@ import re
 import tempfile
 
 import diffusers
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from audiodiff import storage
@@ -69,12 +70,16 @@ PRESETS = {
 }
 
 
-def new_model(preset: str) -> PipelineParts:
-    """A freshly initialised model for training from scratch."""
+def new_model(preset: str, seed: int = 0) -> PipelineParts:
+    """A freshly initialised model for training from scratch. The same seed gives the same weights in every
+    process (Ray workers and actors each build their own), without touching the global random state."""
     if preset not in PRESETS:
         raise AudiodiffError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
     make_unet, mel = PRESETS[preset]
-    return PipelineParts(unet=make_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000), mel=mel)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = make_unet()
+    return PipelineParts(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000), mel=mel)
 
 
 def load_model(name: str) -> PipelineParts:

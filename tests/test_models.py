@@ -26,6 +26,17 @@ def test_full_preset_is_teticios_256_architecture():
     assert parts.image_size == (256, 256) and parts.mel == MelConfig()
 
 
+def test_presets_initialise_the_same_weights_everywhere():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    assert_same_weights(models.load_model("tiny").unet, models.new_model("tiny").unet)
+    torch.manual_seed(123)
+    models.new_model("tiny", seed=1)
+    assert torch.equal(torch.rand(1), before)  # the global random state is left alone
+    a, b = models.new_model("tiny", seed=1).unet.state_dict(), models.new_model("tiny").unet.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_saved_folder_loads_in_diffusers_and_samples(tmp_path):
     parts = models.new_model("tiny")
     models.save_model(parts, str(tmp_path / "tiny"))

@@ -1,0 +1,98 @@
+"""Generation throughput: diffusers' AudioDiffusionPipeline called as the notebook does against this job.
+
+    python benchmarks/bench_generate.py [--model tiny] [--clips 16] [--steps 50] [--batch-size 8]
+
+notebook: one clip per `pipe(steps=..., generator=...)` call (DDIM), librosa Griffin-Lim inside, WAV written.
+audiodiff: `run_generate` on a local Ray (DDIM, same steps), WAV + PNG + manifest written, with 1 and 2 actors;
+the model is untrained (the figures do not depend on the weights). Also where one actor's time goes per clip.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import ray
+import soundfile
+import torch
+from diffusers import AudioDiffusionPipeline, DDIMScheduler, Mel
+
+from audiodiff import models
+from audiodiff.encode import png_bytes, wav_bytes
+from audiodiff.generate import ClipGenerator, GenerateConfig, run_generate
+
+
+def notebook(folder: str, clips: int, steps: int, out: str) -> float:
+    parts = models.load_model(folder)
+    pipe = AudioDiffusionPipeline(vqvae=None, unet=parts.unet, mel=Mel(**vars(parts.mel)),
+                                  scheduler=DDIMScheduler.from_config(parts.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    pipe(steps=2)  # warm-up
+    start = time.perf_counter()
+    for i in range(clips):
+        output = pipe(steps=steps, generator=torch.Generator().manual_seed(i))
+        soundfile.write(os.path.join(out, f"{i}.wav"), output.audios[0, 0], parts.mel.sample_rate)
+    return clips / (time.perf_counter() - start)
+
+
+def breakdown(config: GenerateConfig, batch_size: int) -> dict[str, float]:
+    generator = ClipGenerator(config)
+    seeds = list(range(batch_size))
+    start = time.perf_counter()
+    images = generator.denoise(seeds, generator.codec.config.x_res)
+    t1 = time.perf_counter()
+    audio = generator.codec.images_to_audio(images).numpy()
+    t2 = time.perf_counter()
+    encoded = [(wav_bytes(a, 22050), png_bytes(i)) for a, i in zip(audio, images.numpy())]
+    t3 = time.perf_counter()
+    for n, (wav, png) in enumerate(encoded):
+        for data, ext in ((wav, "wav"), (png, "png")):
+            with open(os.path.join(config.output, f"b{n}.{ext}"), "wb") as f:
+                f.write(data)
+    t4 = time.perf_counter()
+    return {k: v / batch_size for k, v in
+            zip(("denoising", "griffin-lim", "encoding", "writing"), (t1 - start, t2 - t1, t3 - t2, t4 - t3))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="a preset or model folder")
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-generate-")
+    try:
+        folder = os.path.join(work, "model")
+        models.save_model(models.load_model(args.model), folder)
+        print(f"{args.clips} standard clips, model {args.model}, DDIM {args.steps} steps, "
+              f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+        os.makedirs(os.path.join(work, "notebook"))
+        reference = notebook(folder, args.clips, args.steps, os.path.join(work, "notebook"))
+        print(f"notebook (pipe() per clip, {torch.get_num_threads()} threads): {reference:7.2f} clips/s")
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        for actors in (1, 2):
+            config = GenerateConfig(model=folder, output=os.path.join(work, f"out-{actors}"), num_clips=args.clips,
+                                    scheduler="ddim", steps=args.steps, batch_size=args.batch_size,
+                                    concurrency=actors)
+            start = time.perf_counter()
+            run_generate(config)
+            rate = args.clips / (time.perf_counter() - start)
+            print(f"audiodiff, {actors} actor{'s' if actors > 1 else ' '}, batch {args.batch_size}:       "
+                  f"{rate:7.2f} clips/s  ({rate / reference:.1f}x the notebook; includes actor start-up)")
+        ray.shutdown()
+        torch.set_num_threads(1)  # as inside one actor
+        os.makedirs(os.path.join(work, "breakdown"))
+        parts = breakdown(GenerateConfig(model=folder, output=os.path.join(work, "breakdown"), scheduler="ddim",
+                                         steps=args.steps), args.batch_size)
+        total = sum(parts.values())
+        print("one actor's time per clip (1 thread): " + ", ".join(
+            f"{k} {v * 1000:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
