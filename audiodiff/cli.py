@@ -55,6 +55,41 @@ def _run_preprocess(args) -> None:
           f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {config.output}")
 
 
+def _finetune_parser(subparsers, common) -> None:
+    p = subparsers.add_parser("finetune", parents=[common], help="DDP fine-tuning of the UNet (Ray Train)")
+    p.add_argument("--data", required=True, help="spectrogram dataset (ours or teticio's), path or URI")
+    p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
+    p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4, help="per worker")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps")
+    p.add_argument("--log-every", type=int, default=10, help="optimizer steps")
+    p.add_argument("--genre", action="append", default=[], dest="genres", help="train on this genre (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
+    p.add_argument("--max-failures", type=int, default=0, help="worker failures to survive (FailureConfig)")
+
+
+def _run_finetune(args) -> None:
+    from audiodiff.train import TrainConfig, run_finetune
+
+    config = TrainConfig(
+        data=args.data, model=args.model, output=args.output, num_workers=args.num_workers, gpu=args.gpu,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        genres=args.genres, seed=args.seed, resume=args.resume, max_failures=args.max_failures,
+    )
+    _init_ray(args)
+    result = run_finetune(config)
+    print(f"finetune: {result['steps']} steps on {result['images']} images, loss {result['first_loss']:.4f} -> "
+          f"{result['last_loss']:.4f} -> {result['output']}")
+
+
 def _generate_parser(subparsers, common) -> None:
     p = subparsers.add_parser("generate", parents=[common],
                               help="mass-generate standard and extended clips (Ray Data batch inference)")
@@ -94,7 +129,8 @@ def _init_ray(args) -> None:
     init_ray(args.address)
 
 
-STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "generate": (_generate_parser, _run_generate)}
+STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),
+          "generate": (_generate_parser, _run_generate)}
 
 
 def build_parser() -> argparse.ArgumentParser:
