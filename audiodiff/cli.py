@@ -123,6 +123,21 @@ def _run_generate(args) -> None:
           f"{result['planned']} in the manifest -> {result['index']}")
 
 
+def _demo_parser(subparsers, common) -> None:
+    p = subparsers.add_parser("demo", parents=[common],
+                              help="all three stages on synthesised audio with the tiny model, on a local Ray")
+    p.add_argument("--output", default="out/demo", help="local folder (default: out/demo)")
+    p.add_argument("--epochs", type=int, default=6)
+
+
+def _run_demo(args) -> None:
+    from audiodiff.demo import run_demo
+
+    _init_ray(args)
+    index = run_demo(args.output, epochs=args.epochs)
+    print(f"demo: done; open {index} in a browser to see and hear the clips")
+
+
 def _init_ray(args) -> None:
     from audiodiff.runtime import init_ray
 
@@ -130,7 +145,7 @@ def _init_ray(args) -> None:
 
 
 STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),
-          "generate": (_generate_parser, _run_generate)}
+          "generate": (_generate_parser, _run_generate), "demo": (_demo_parser, _run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:
