@@ -17,6 +17,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        # the dashboard serves the State API that Ray Train's controller queries; on loopback only
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
     # Progress bars help in a terminal and flood `ray job logs` (RAY_NOTES.md).
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

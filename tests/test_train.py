@@ -1,5 +1,8 @@
 import json
 import os
+import signal
+import threading
+import time
 
 import pytest
 import safetensors.torch
@@ -89,3 +92,28 @@ def test_bad_input_is_reported_before_any_worker_starts(spectrograms, tmp_path, 
     assert "missing unet/config.json" in capsys.readouterr().err
     assert finetune(spectrograms, tmp_path / "o", "--genre", "polka") == 1
     assert "no images of genre polka" in capsys.readouterr().err
+
+
+def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "model"
+    killed = []
+
+    def kill_one_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline:
+            if (out / "checkpoints" / "finetune").is_dir() and checkpoints(out):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)  # an actor of this test's own Ray
+                    killed.append(workers[-1].pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    assert finetune(spectrograms, out, "--epochs", 6, "--checkpoint-every", 2, "--max-failures", 1) == 0
+    killer.join()
+    assert killed, "no worker was killed"
+    assert checkpoint_steps(out)[-1] == 24
+    assert history(out)[-1]["step"] == 24
