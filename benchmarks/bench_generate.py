@@ -21,6 +21,7 @@ from diffusers import AudioDiffusionPipeline, DDIMScheduler, Mel
 from audiodiff import models
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.generate import ClipGenerator, GenerateConfig, run_generate
+from audiodiff.runtime import init_ray
 
 
 def notebook(folder: str, clips: int, steps: int, out: str) -> float:
@@ -71,8 +72,7 @@ def main():
         os.makedirs(os.path.join(work, "notebook"))
         reference = notebook(folder, args.clips, args.steps, os.path.join(work, "notebook"))
         print(f"notebook (pipe() per clip, {torch.get_num_threads()} threads): {reference:7.2f} clips/s")
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_ray()
         for actors in (1, 2):
             config = GenerateConfig(model=folder, output=os.path.join(work, f"out-{actors}"), num_clips=args.clips,
                                     scheduler="ddim", steps=args.steps, batch_size=args.batch_size,

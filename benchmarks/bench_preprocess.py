@@ -23,9 +23,10 @@ import torchaudio
 from diffusers import Mel
 
 from audiodiff import audio
-from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.encode import png_bytes
+from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
+from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
 
 
@@ -89,8 +90,7 @@ def run(work: str):
     notebook = audio_seconds / (time.perf_counter() - start)
     print(f"notebook path (1 core):       {notebook:8.1f} audio-s/s")
 
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray()
     audio_dir = os.path.join(work, "audio")
     warm_up = run_preprocess(PreprocessConfig(sources=[audio_dir], output=os.path.join(work, "warm-up"), mel=config,
                                               limit=2, num_workers=1))
