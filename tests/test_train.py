@@ -117,3 +117,14 @@ def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
     assert killed, "no worker was killed"
     assert checkpoint_steps(out)[-1] == 24
     assert history(out)[-1]["step"] == 24
+
+
+def test_checkpoints_and_export_to_object_storage(spectrograms, s3_bucket):
+    from audiodiff import storage
+
+    assert finetune(spectrograms, f"{s3_bucket}/model", "--epochs", 1, "--checkpoint-every", 2) == 0
+    files = storage.list_files(f"{s3_bucket}/model")
+    assert f"{s3_bucket}/model/model_index.json" in files and f"{s3_bucket}/model/metrics.jsonl" in files
+    saved = [f for f in files if "/checkpoints/finetune/checkpoint_" in f and f.endswith("/ema.safetensors")]
+    assert len(saved) == 2  # steps 2 and 4
+    assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
