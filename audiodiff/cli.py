@@ -4,6 +4,7 @@ nowhere else; `jobs/<stage>.py` calls `main` with its stage name."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from audiodiff import __version__
@@ -25,7 +26,7 @@ def _preprocess_parser(subparsers, common) -> None:
     mel = p.add_mutually_exclusive_group()
     mel.add_argument("--model", help="take the mel config from this model (hub id, folder, URI or preset)")
     mel.add_argument("--mel-config", help="a mel_config.json (path or URI)")
-    p.add_argument("--num-cpus", type=int, help="CPU workers (default: all CPUs of the cluster)")
+    p.add_argument("--num-cpus", type=int, dest="num_workers", help="CPU workers (default: all CPUs of the cluster)")
     p.add_argument("--seed", type=int, default=0, help="seed for --slices random")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
 
@@ -43,11 +44,7 @@ def _run_preprocess(args) -> None:
         mel = MelConfig.from_json(storage.read_bytes(args.mel_config).decode(), args.mel_config)
     else:
         mel = MelConfig()
-    config = PreprocessConfig(
-        sources=args.sources, output=args.output, mel=mel, genres=args.genres, limit=args.limit,
-        slices=args.slices, genre_from_folder=args.genre_from_folder, split=args.split,
-        num_workers=args.num_cpus, seed=args.seed, overwrite=args.overwrite,
-    )
+    config = _config(PreprocessConfig, args, mel=mel)
     _init_ray(args)
     stats = run_preprocess(config)
     print(f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
@@ -78,12 +75,7 @@ def _finetune_parser(subparsers, common) -> None:
 def _run_finetune(args) -> None:
     from audiodiff.train import TrainConfig, run_finetune
 
-    config = TrainConfig(
-        data=args.data, model=args.model, output=args.output, num_workers=args.num_workers, gpu=args.gpu,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        genres=args.genres, seed=args.seed, resume=args.resume, max_failures=args.max_failures,
-    )
+    config = _config(TrainConfig, args)
     _init_ray(args)
     result = run_finetune(config)
     print(f"finetune: {result['steps']} steps on {result['images']} images, loss {result['first_loss']:.4f} -> "
@@ -111,12 +103,7 @@ def _generate_parser(subparsers, common) -> None:
 def _run_generate(args) -> None:
     from audiodiff.generate import GenerateConfig, run_generate
 
-    config = GenerateConfig(
-        model=args.model, output=args.output, num_clips=args.num_clips, num_extended=args.num_extended,
-        extend_factor=args.extend_factor, scheduler=args.scheduler, steps=args.steps, eta=args.eta,
-        seed=args.seed, batch_size=args.batch_size, concurrency=args.concurrency, gpu=args.gpu,
-        target_dbfs=args.target_dbfs,
-    )
+    config = _config(GenerateConfig, args)
     _init_ray(args)
     result = run_generate(config)
     print(f"generate: {result['written']} clips written, {result['skipped']} already there, "
@@ -136,6 +123,12 @@ def _run_demo(args) -> None:
     _init_ray(args)
     index = run_demo(args.output, epochs=args.epochs)
     print(f"demo: done; open {index} in a browser to see and hear the clips")
+
+
+def _config(config_class, args, **computed):
+    """A stage's config dataclass from the parsed flags: each flag's destination is the field's name."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    return config_class(**{**flags, **computed})
 
 
 def _init_ray(args) -> None:
