@@ -48,7 +48,8 @@ SLICE_SCHEMA = pa.schema(
         "slice": {"dtype": "int16", "_type": "Value"}, "genre": {"dtype": "string", "_type": "Value"}}}})},
 )
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
-DATA_DIR = "data"
+DATA_DIR = "data"  # the parquet parts; rejects and stats sit beside it so "all parts" never includes them
+REJECTS = "rejects.parquet"
 # Reading, reshaping rows, filtering and writing parts are light next to the spectrograms. Spectrogram actors
 # take 3/4 of a CPU and every light step 1/4, so a full pool of one actor per core still leaves room to
 # feed and drain it; with whole CPUs a light step that does not fuse into the actors (after --limit, say)
@@ -172,7 +173,8 @@ def _open_parquet(paths: list[str], filesystem, uri: str, config: PreprocessConf
     columns = ["audio"] + (["genre"] if "genre" in schema.names else [])
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True, num_cpus=LIGHT_CPUS).select_columns(
         columns + ["path"])
-    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), config),
+    return Tracks(filter_genres(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS),
+                                config.genres),
                   collections.Counter(genres))
 
 
@@ -192,7 +194,8 @@ def _open_saved_dataset(path: str, config: PreprocessConfig) -> Tracks:
     genres = saved["genre"] if "genre" in saved.column_names else [None] * len(saved)
     files = [f["filename"] for f in saved.cache_files]
     dataset = ray.data.read_datasource(_ArrowStreamFiles(files, include_paths=True), num_cpus=LIGHT_CPUS)
-    return Tracks(_filter(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), config),
+    return Tracks(filter_genres(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS),
+                                config.genres),
                   collections.Counter(genres))
 
 
@@ -219,10 +222,11 @@ def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
                     schema=TRACK_SCHEMA)
 
 
-def _filter(dataset: ray.data.Dataset, config: PreprocessConfig) -> ray.data.Dataset:
-    if not config.genres:
+def filter_genres(dataset: ray.data.Dataset, genres: list[str]) -> ray.data.Dataset:
+    """Rows whose `genre` is one of `genres`; all rows when none are given."""
+    if not genres:
         return dataset
-    return dataset.filter(expr=col("genre").is_in(list(config.genres)), num_cpus=LIGHT_CPUS)
+    return dataset.filter(expr=col("genre").is_in(list(genres)), num_cpus=LIGHT_CPUS)
 
 
 # work per track
@@ -310,7 +314,7 @@ class SpectrogramSink(Datasink):
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist([{"source": s, "reason": r} for s, r in rejects], schema=REJECT_SCHEMA),
                        buffer)
-        storage.write_bytes(storage.join(self.output, "rejects.parquet"), buffer.getvalue())
+        storage.write_bytes(storage.join(self.output, REJECTS), buffer.getvalue())
         per_genre = collections.defaultdict(lambda: {"tracks": 0, "slices": 0})
         for genre, _, n_slices, _ in tracks:
             per_genre[genre or "unknown"]["tracks"] += 1
@@ -330,13 +334,13 @@ class SpectrogramSink(Datasink):
 
 def _prepare_output(config: PreprocessConfig) -> None:
     data = storage.join(config.output, DATA_DIR)
-    if storage.exists(data) and storage.list_files(data):
-        if not config.overwrite:
-            raise AudiodiffError(f"{config.output}: already holds a spectrogram dataset; "
-                                 "choose another --output or pass --overwrite")
-        for f in storage.list_files(data):
-            fs, path = storage.resolve(f)
-            fs.delete_file(path)
+    parts = storage.list_files(data) if storage.exists(data) else []
+    if parts and not config.overwrite:
+        raise AudiodiffError(f"{config.output}: already holds a spectrogram dataset; "
+                             "choose another --output or pass --overwrite")
+    for part in parts:
+        fs, path = storage.resolve(part)
+        fs.delete_file(path)
     # written first: a bad or read-only output stops the job before any work
     storage.write_bytes(storage.join(config.output, "mel_config.json"), config.mel.to_json().encode())
 

@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw
 from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model, save_model
+from audiodiff.preprocess import DATA_DIR, LIGHT_CPUS, REJECTS, filter_genres
 
 RUN_NAME = "finetune"
-DECODE_CPUS = 0.25  # PNG decoding beside the training workers (RAY_NOTES.md: leave CPU for Data)
 
 
 @dataclasses.dataclass
@@ -75,8 +75,9 @@ def spectrogram_files(data: str) -> list[str]:
     """Our layout keeps parts in data/; teticio's datasets have parquet files anywhere under the URI."""
     if not storage.exists(data):
         raise AudiodiffError(f"{data}: no such dataset")
-    root = storage.join(data, "data") if storage.exists(storage.join(data, "data")) else data
-    files = [f for f in storage.list_files(root, (".parquet",)) if not f.endswith("rejects.parquet")]
+    parts = storage.join(data, DATA_DIR)
+    root = parts if storage.exists(parts) else data
+    files = [f for f in storage.list_files(root, (".parquet",)) if not f.endswith(REJECTS)]
     if not files:
         raise AudiodiffError(f"{data}: no parquet files; run `audiodiff preprocess` first")
     return files
@@ -103,15 +104,13 @@ def load_spectrograms(config: TrainConfig, image_size: tuple[int, int]) -> tuple
     if (height, width) != image_size:
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{image_size[0]}x{image_size[1]} (height x width); preprocess with --model {config.model}")
-    dataset = ray.data.read_parquet(paths, filesystem=fs, num_cpus=DECODE_CPUS)
+    # decoding runs beside the training workers: a light step's share of CPU (RAY_NOTES.md: leave CPU for Data)
+    dataset = filter_genres(ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS), config.genres)
     if config.genres:
-        from ray.data.expressions import col
-
-        dataset = dataset.filter(expr=col("genre").is_in(list(config.genres)), num_cpus=DECODE_CPUS)
         rows = dataset.count()
         if rows == 0:
             raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}")
-    return dataset.select_columns(["image"]).map_batches(_decode, num_cpus=DECODE_CPUS), rows
+    return dataset.select_columns(["image"]).map_batches(_decode, num_cpus=LIGHT_CPUS), rows
 
 
 # the loop
