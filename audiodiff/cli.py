@@ -26,7 +26,8 @@ def _preprocess_parser(subparsers, common) -> None:
     mel = p.add_mutually_exclusive_group()
     mel.add_argument("--model", help="take the mel config from this model (hub id, folder, URI or preset)")
     mel.add_argument("--mel-config", help="a mel_config.json (path or URI)")
-    p.add_argument("--num-cpus", type=int, dest="num_workers", help="CPU workers (default: all CPUs of the cluster)")
+    p.add_argument("--num-cpus", type=int, dest="num_workers",
+                   help="CPU workers (default: up to the CPUs the cluster has or can scale to)")
     p.add_argument("--seed", type=int, default=0, help="seed for --slices random")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Under `ray job submit` stdout is a file: line by line, so that `ray job logs` follows the run as it goes.
+    sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         STAGES[args.stage][1](args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import ray
 
@@ -19,5 +18,12 @@ def init_ray(address: str | None = None) -> None:
     else:
         # the dashboard serves the State API that Ray Train's controller queries; on loopback only
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
-    # Progress bars help in a terminal and flood `ray job logs` (RAY_NOTES.md).
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def cluster_capacity(resource: str) -> float:
+    """How much of a resource (e.g. "GPU") the cluster has, or can grow to where an autoscaler reports its node
+    groups (KubeRay, the cluster launcher): GPU workers often start at zero and come when a job asks for them."""
+    from ray._private.state import state  # where Ray Data and Ray Train read the autoscaling limits too (2.60)
+
+    limits = state.get_max_resources_from_cluster_config() or {}
+    return max(ray.cluster_resources().get(resource, 0), limits.get(resource, 0))

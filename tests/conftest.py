@@ -32,6 +32,13 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) 
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a TCP port free on 127.0.0.1 now (outside Ray's worker range: the kernel's
+    ephemeral ports start at 32768)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's standalone S3 server on loopback for the whole session; stopped at the end.
 

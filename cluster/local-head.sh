@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# A Ray head on this machine for `ray job submit`: every listener on 127.0.0.1, token authentication on.
+#
+#   cluster/local-head.sh start [more `ray start` flags]   # prints the address to submit to
+#   cluster/local-head.sh status
+#   cluster/local-head.sh stop
+#
+# Start it from the environment the jobs should run in: a submitted job's `python` is the one on the head's PATH.
+# AUDIODIFF_HEAD_DIR (default /tmp/audiodiff-head-$UID) holds its pid, log and Ray's temp dir;
+# AUDIODIFF_DASHBOARD_PORT (default 8265) is the dashboard and job API port. The token is Ray's own:
+# RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (made here if none of them is set).
+set -euo pipefail
+
+state="$(realpath -m "${AUDIODIFF_HEAD_DIR:-/tmp/audiodiff-head-$(id -u)}")"
+address="http://127.0.0.1:${AUDIODIFF_DASHBOARD_PORT:-8265}"
+# Without this Ray swaps 127.0.0.1 for the machine's other address; with it nothing leaves loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_AUTH_MODE=token
+
+running() { [[ -f "$state/head.pid" ]] && [[ -n "$(alive "$(cat "$state/head.pid")")" ]]; }
+
+# Those of the given pids that still run (a zombie has finished; where pid 1 does not reap, they stay).
+alive() {
+  local IFS=,
+  ps -o pid=,stat= -p "$*" 2>/dev/null | awk '$2 !~ /^Z/ { print $1 }' || true
+}
+
+# The head's session and all descendants of its processes: job drivers run in sessions of their own.
+session_tree() {
+  ps -eo pid=,ppid=,sid= | awk -v sid="$1" '
+    { parent[$1] = $2; if ($3 == sid) tree[$1] = 1 }
+    END {
+      do { grew = 0; for (p in parent) if (!(p in tree) && (parent[p] in tree)) { tree[p] = 1; grew = 1 } } while (grew)
+      for (p in tree) print p
+    }'
+}
+
+start() {
+  if running; then
+    echo "a head is already running from $state (session $(cat "$state/head.pid")); stop it first" >&2
+    exit 1
+  fi
+  mkdir -p "$state"
+  if [[ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then ray get-auth-token --generate >/dev/null; fi
+  # A session of its own, so that `stop` ends exactly these processes (never `ray stop`, which ends any Ray).
+  setsid ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
+    --dashboard-port="${address##*:}" --temp-dir="$state/ray" --disable-usage-stats "$@" >"$state/head.log" 2>&1 &
+  echo $! >"$state/head.pid"
+  local deadline=$((SECONDS + 120))
+  until ray job list --address "$address" >/dev/null 2>&1; do
+    if ! running || ((SECONDS > deadline)); then
+      echo "the Ray head did not come up; its log, $state/head.log, ends with:" >&2
+      tail -n 20 "$state/head.log" >&2
+      stop >/dev/null
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "Ray head up: ray job submit --address $address ... (log: $state/head.log)"
+}
+
+stop() {
+  if ! running; then
+    rm -f "$state/head.pid"
+    echo "no head running from $state"
+    return
+  fi
+  local pids
+  mapfile -t pids < <(session_tree "$(cat "$state/head.pid")")
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 30); do
+    mapfile -t pids < <(alive "${pids[@]}")
+    ((${#pids[@]})) || break
+    sleep 0.5
+  done
+  ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
+  rm -f "$state/head.pid"
+  echo "Ray head stopped (logs kept in $state)"
+}
+
+status() {
+  if running; then
+    echo "Ray head running: $address (session $(cat "$state/head.pid"), log $state/head.log)"
+  else
+    echo "no head running from $state"
+    return 1
+  fi
+}
+
+command="${1:-}"
+case "$command" in
+  start) shift; start "$@" ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start [ray start flags] | status | stop" >&2; exit 2 ;;
+esac
