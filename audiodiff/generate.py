@@ -26,6 +26,7 @@ from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model
+from audiodiff.runtime import cluster_capacity
 
 KINDS = ("standard", "extended")
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -184,8 +185,9 @@ def run_generate(config: GenerateConfig) -> dict:
         raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
     if config.batch_size < 1 or config.concurrency < 1:
         raise AudiodiffError("--batch-size and --concurrency must be at least 1")
-    if config.gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise AudiodiffError("--gpu given but the Ray cluster has no GPU")
+    if config.gpu and cluster_capacity("GPU") < config.concurrency:
+        raise AudiodiffError(f"--gpu with --concurrency {config.concurrency} needs {config.concurrency} GPUs; the "
+                             f"Ray cluster has {cluster_capacity('GPU'):g}, autoscaling included")
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
     if parts.vqvae is not None:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by generate")

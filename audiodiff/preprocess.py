@@ -37,6 +37,7 @@ from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.runtime import cluster_capacity
 
 TRACK_SCHEMA = pa.schema([("source", pa.string()), ("bytes", pa.binary()), ("genre", pa.string())])
 SLICE_SCHEMA = pa.schema(
@@ -69,7 +70,7 @@ class PreprocessConfig:
     slices: str = "all"  # "all" full slices per track, or "random": one per track, as the notebook
     genre_from_folder: bool = False
     split: str = "train"
-    num_workers: int | None = None  # CPU actors; default: every CPU of the cluster
+    num_workers: int | None = None  # CPU actors; default: up to every CPU the cluster has or can scale to
     tracks_per_batch: int = 4
     seed: int = 0
     overwrite: bool = False
@@ -372,7 +373,7 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     if config.limit is not None:
         tracks = tracks.limit(config.limit)
     pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
-            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
+            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
     spectrograms = tracks.map_batches(
         SpectrogramMaker, fn_constructor_args=(config.mel, config.slices, config.seed),
         batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,

@@ -34,6 +34,7 @@ from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model, save_model
 from audiodiff.preprocess import DATA_DIR, LIGHT_CPUS, REJECTS, filter_genres
+from audiodiff.runtime import cluster_capacity
 
 RUN_NAME = "finetune"
 
@@ -255,9 +256,9 @@ def run_finetune(config: TrainConfig) -> dict:
     """Checks everything a user can get wrong, then trains on the current Ray and exports the model."""
     if config.num_workers < 1 or config.batch_size < 1 or config.epochs < 1 or config.grad_accum < 1:
         raise AudiodiffError("--num-workers, --batch-size, --epochs and --grad-accum must be at least 1")
-    if config.gpu and ray.cluster_resources().get("GPU", 0) < config.num_workers:
+    if config.gpu and cluster_capacity("GPU") < config.num_workers:
         raise AudiodiffError(f"--gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the Ray "
-                             f"cluster has {ray.cluster_resources().get('GPU', 0):g}")
+                             f"cluster has {cluster_capacity('GPU'):g}, autoscaling included")
     parts = load_model(config.model)
     if parts.vqvae is not None:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by finetune")

@@ -98,6 +98,7 @@ def test_s3_output(local_ray, tiny_model, s3_bucket):
     (["--num-clips", "0"], "nothing to generate"),
     (["--num-extended", "1", "--extend-factor", "1.0625"], "68 frames; the UNet halves the width 3 times"),
     (["--scheduler", "pndm"], "--scheduler must be one of"),
+    (["--gpu", "--concurrency", "2"], "--gpu with --concurrency 2 needs 2 GPUs; the Ray cluster has 0, autoscaling"),
 ])
 def test_bad_arguments_stop_before_work(local_ray, tiny_model, tmp_path, capsys, args, message):
     assert main(["generate", "--model", tiny_model, "--output", str(tmp_path / "out"), *args]) == 1

@@ -92,6 +92,8 @@ def test_bad_input_is_reported_before_any_worker_starts(spectrograms, tmp_path, 
     assert "missing unet/config.json" in capsys.readouterr().err
     assert finetune(spectrograms, tmp_path / "o", "--genre", "polka") == 1
     assert "no images of genre polka" in capsys.readouterr().err
+    assert finetune(spectrograms, tmp_path / "o", "--gpu") == 1
+    assert "--gpu with 2 workers needs 2 GPUs; the Ray cluster has 0, autoscaling included" in capsys.readouterr().err
 
 
 def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
