@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -171,8 +172,10 @@ def train_loop_per_worker(config: dict) -> None:
             history.append(metrics)
             losses, images_seen, started = [], 0, time.perf_counter()
             if rank == 0:
-                print(f"step {step}/{c.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                      f"{metrics['images_per_second']:.1f} images/s", flush=True)
+                # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
+                logging.getLogger(__name__).info(
+                    f"step {step}/{c.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                    f"{metrics['images_per_second']:.1f} images/s")
             if step % c.checkpoint_every == 0 or step == c.total_steps:
                 with tempfile.TemporaryDirectory() as folder:
                     if rank == 0:

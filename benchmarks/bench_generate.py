@@ -17,6 +17,7 @@ import ray
 import soundfile
 import torch
 from diffusers import AudioDiffusionPipeline, DDIMScheduler, Mel
+from torch.utils.flop_counter import FlopCounterMode
 
 from audiodiff import models
 from audiodiff.encode import png_bytes, wav_bytes
@@ -56,6 +57,13 @@ def breakdown(config: GenerateConfig, batch_size: int) -> dict[str, float]:
             zip(("denoising", "griffin-lim", "encoding", "writing"), (t1 - start, t2 - t1, t3 - t2, t4 - t3))}
 
 
+def forward_flops(unet, height: int, width: int) -> float:
+    """One denoising step of one clip, counted by torch: what sizes a run on hardware not measured."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 1, height, width), torch.tensor([0]))
+    return counter.get_total_flops()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="a preset or model folder")
@@ -90,6 +98,12 @@ def main():
         total = sum(parts.values())
         print("one actor's time per clip (1 thread): " + ", ".join(
             f"{k} {v * 1000:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
+        model = models.load_model(folder)
+        height, width = model.image_size
+        standard, extended = forward_flops(model.unet, height, width), forward_flops(model.unet, height, 4 * width)
+        print(f"UNet forward per clip and step (counted): {standard / 1e9:.1f} GFLOP standard, {extended / 1e9:.1f} "
+              f"GFLOP extended (4x wide); {standard * args.steps / parts['denoising'] / 1e9:.0f} GFLOP/s reached "
+              "here denoising")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

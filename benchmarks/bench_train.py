@@ -22,6 +22,7 @@ import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from audiodiff import models
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
@@ -66,6 +67,15 @@ def step_time(preset: str, batch_size: int, bf16: bool, steps: int = 3) -> float
     return min(times[1:])
 
 
+def train_step_flops(preset: str) -> float:
+    """Forward and backward FLOPs for one image, counted by torch: what sizes a run on hardware not measured."""
+    parts = models.new_model(preset)
+    height, width = parts.image_size
+    with FlopCounterMode(display=False) as counter:
+        parts.unet.train()(torch.randn(1, 1, height, width), torch.tensor([0])).sample.pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -98,6 +108,9 @@ def main():
         torch.set_num_threads(os.cpu_count())
         fp32, bf16 = step_time("full", 1, False), step_time("full", 1, True)
         print(f"full model, batch 1, CPU step: fp32 {fp32:.2f} s, bf16 autocast {bf16:.2f} s ({fp32 / bf16:.2f}x)")
+        flops = train_step_flops("full")
+        print(f"full model training step: {flops / 1e9:.1f} GFLOP per image (counted); "
+              f"{flops / fp32 / 1e9:.0f} GFLOP/s reached here in fp32")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

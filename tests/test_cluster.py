@@ -1,5 +1,6 @@
 """Every stage through `ray job submit`, against a head started by cluster/local-head.sh (loopback, token auth)."""
 
+import contextlib
 import io
 import ipaddress
 import json
@@ -40,13 +41,18 @@ def session_tree(session: int) -> list[psutil.Process]:
     their own)."""
     found = {}
     for process in psutil.process_iter():
-        try:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
             if os.getsid(process.pid) == session:
                 found[process.pid] = process
                 found.update((child.pid, child) for child in process.children(recursive=True))
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [p for p in found.values() if running(p)]
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # where pid 1 does not reap, finished children stay
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +108,9 @@ def succeeded(head: Head, stage: str, *args) -> str:
 
 
 def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(head):
-    listening = {ipaddress.ip_address(c.laddr.ip) for p in session_tree(head.session)
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    pids = {p.pid for p in session_tree(head.session)}
+    listening = {ipaddress.ip_address(c.laddr.ip) for c in psutil.net_connections("inet")
+                 if c.pid in pids and c.status == psutil.CONN_LISTEN}
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
     no_token = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(REPO / "nowhere")}
     refused = subprocess.run(["ray", "job", "list", "--address", head.address], env=no_token,

@@ -1,0 +1,109 @@
+"""cluster/: the manifests, launcher YAML and image definition parse and carry what Ray and KubeRay need, expose
+nothing beyond the cluster network and hold no credentials."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from audiodiff import __version__
+from audiodiff.cli import build_parser
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+IMAGE = f"audiodiff:{__version__}"
+KUBERAY = {path.name: list(yaml.safe_load_all(path.read_text())) for path in (CLUSTER / "kuberay").glob("*.yaml")}
+LAUNCHER = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+
+
+def walk(node):
+    """Every mapping inside a parsed YAML document."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def documents(kind: str) -> list[dict]:
+    return [d for docs in KUBERAY.values() for d in docs if d["kind"] == kind]
+
+
+def uses_the_token(env: list[dict]) -> bool:
+    by_name = {e["name"]: e for e in env}
+    return (by_name["RAY_AUTH_MODE"].get("value") == "token"
+            and "secretKeyRef" in by_name["RAY_AUTH_TOKEN"].get("valueFrom", {}))
+
+
+def test_ray_cluster_runs_our_image_and_ray_version_with_an_autoscaled_gpu_group():
+    [cluster] = documents("RayCluster")
+    spec = cluster["spec"]
+    assert cluster["apiVersion"] == "ray.io/v1" and spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] is True and uses_the_token(spec["autoscalerOptions"]["env"])
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for container in head + [c for g in groups.values() for c in g["template"]["spec"]["containers"]]:
+        assert container["image"] == IMAGE and uses_the_token(container["env"])
+    assert not any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in head)
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > 0
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "finetune", "generate"])
+def test_ray_job_submits_a_valid_command_to_the_cluster(stage):
+    [job] = KUBERAY[f"rayjob-{stage}.yaml"]
+    [cluster] = documents("RayCluster")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    python, script, *args = shlex.split(job["spec"]["entrypoint"])
+    assert python == "python" and script == f"/home/ray/audiodiff/jobs/{stage}.py"  # where cluster/Dockerfile puts it
+    assert build_parser().parse_args([stage, *args]).stage == stage  # argparse exits on a flag that does not exist
+    [submitter] = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert submitter["image"] == IMAGE and uses_the_token(submitter["env"])
+
+
+def test_launcher_has_a_cpu_head_gpu_workers_and_a_loopback_dashboard():
+    nodes = LAUNCHER["available_node_types"]
+    assert LAUNCHER["provider"]["type"] == "aws" and LAUNCHER["docker"]["image"] == IMAGE
+    assert nodes[LAUNCHER["head_node_type"]]["resources"] == {"CPU": 0}
+    assert nodes["gpu_worker"]["resources"]["GPU"] >= 1
+    for name, node in nodes.items():
+        if name != LAUNCHER["head_node_type"]:
+            assert 0 <= node["min_workers"] <= node["max_workers"] <= LAUNCHER["max_workers"]
+    assert "--dashboard-host=127.0.0.1" in " ".join(LAUNCHER["head_start_ray_commands"])
+    assert "--env RAY_AUTH_MODE=token" in LAUNCHER["docker"]["run_options"]
+    assert LAUNCHER["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token itself stays out
+
+
+def test_image_is_the_official_ray_gpu_image_for_our_ray_and_python():
+    base = re.search(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
+
+
+def test_nothing_is_exposed_beyond_the_cluster_network():
+    for name, docs in KUBERAY.items():
+        for mapping in (m for d in docs for m in walk(d)):
+            assert mapping.get("kind") != "Ingress", name
+            assert mapping.get("serviceType", "ClusterIP") == "ClusterIP", name
+            assert mapping.get("type") not in ("LoadBalancer", "NodePort"), name
+            assert not mapping.get("hostNetwork") and "hostPort" not in mapping and not mapping.get("enableIngress")
+    for path in CLUSTER.rglob("*"):
+        if path.suffix in (".yaml", ".sh") or path.name == "Dockerfile":
+            assert "0.0.0.0" not in path.read_text(), path
+
+
+def test_no_credentials_in_cluster_files():
+    secret_looking = re.compile(r"(A3T[A-Z0-9]|AKIA|ASIA)[A-Z0-9]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|"
+                                r"aws_secret_access_key|AWS_SECRET_ACCESS_KEY\s*[:=]\s*\S|\b[0-9a-f]{64}\b")
+    for path in CLUSTER.rglob("*"):
+        if path.is_file():
+            assert not secret_looking.search(path.read_text()), path
+    for mapping in (m for docs in KUBERAY.values() for d in docs for m in walk(d)):
+        if "name" in mapping and "value" in mapping:  # a container env entry: secrets come by reference only
+            assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", mapping["name"]), mapping
