@@ -26,7 +26,7 @@ from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model
-from audiodiff.runtime import cluster_capacity
+from audiodiff.runtime import require_gpus
 
 KINDS = ("standard", "extended")
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -158,11 +158,9 @@ def _check_settings(config: GenerateConfig) -> None:
         storage.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
-def _write_if_changed(uri: str, data: bytes) -> bool:
-    if storage.exists(uri) and storage.read_bytes(uri) == data:
-        return False
-    storage.write_bytes(uri, data)
-    return True
+def _write_if_changed(uri: str, data: bytes) -> None:
+    if not (storage.exists(uri) and storage.read_bytes(uri) == data):
+        storage.write_bytes(uri, data)
 
 
 def _index_html(rows: list[dict], title: str) -> str:
@@ -185,9 +183,8 @@ def run_generate(config: GenerateConfig) -> dict:
         raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
     if config.batch_size < 1 or config.concurrency < 1:
         raise AudiodiffError("--batch-size and --concurrency must be at least 1")
-    if config.gpu and cluster_capacity("GPU") < config.concurrency:
-        raise AudiodiffError(f"--gpu with --concurrency {config.concurrency} needs {config.concurrency} GPUs; the "
-                             f"Ray cluster has {cluster_capacity('GPU'):g}, autoscaling included")
+    if config.gpu:
+        require_gpus(config.concurrency, f"--gpu with --concurrency {config.concurrency}")
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
     if parts.vqvae is not None:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by generate")

@@ -153,7 +153,8 @@ def _hub_parquet_files(uri: str) -> list[str]:
         if not files:  # datasets stored in other formats: the hub's own parquet export
             files = sorted(fs.glob(f"{path}@refs%2Fconvert%2Fparquet/**/*.parquet"))
     except Exception as e:  # noqa: BLE001 - fsspec raises many kinds; all mean "cannot read the hub"
-        raise AudiodiffError(f"{uri}: cannot list the dataset on the Hugging Face Hub ({type(e).__name__}: {e})") from None
+        raise AudiodiffError(f"{uri}: cannot list the dataset on the Hugging Face Hub "
+                             f"({type(e).__name__}: {e})") from None
     if not files:
         raise AudiodiffError(f"{uri}: no parquet files on the Hugging Face Hub")
     return files
@@ -172,11 +173,8 @@ def _open_parquet(paths: list[str], filesystem, uri: str, config: PreprocessConf
     if "audio" not in schema.names:
         raise AudiodiffError(f"{uri}: parquet has no 'audio' column (columns: {', '.join(schema.names)})")
     columns = ["audio"] + (["genre"] if "genre" in schema.names else [])
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True, num_cpus=LIGHT_CPUS).select_columns(
-        columns + ["path"])
-    return Tracks(filter_genres(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS),
-                                config.genres),
-                  collections.Counter(genres))
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True, num_cpus=LIGHT_CPUS)
+    return _hf_tracks(dataset.select_columns(columns + ["path"]), genres, config)
 
 
 def _open_saved_dataset(path: str, config: PreprocessConfig) -> Tracks:
@@ -195,9 +193,13 @@ def _open_saved_dataset(path: str, config: PreprocessConfig) -> Tracks:
     genres = saved["genre"] if "genre" in saved.column_names else [None] * len(saved)
     files = [f["filename"] for f in saved.cache_files]
     dataset = ray.data.read_datasource(_ArrowStreamFiles(files, include_paths=True), num_cpus=LIGHT_CPUS)
-    return Tracks(filter_genres(dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS),
-                                config.genres),
-                  collections.Counter(genres))
+    return _hf_tracks(dataset, genres, config)
+
+
+def _hf_tracks(dataset: ray.data.Dataset, genres, config: PreprocessConfig) -> Tracks:
+    """Rows of a Hugging Face audio dataset as tracks of the chosen genres; `genres` is its genre column."""
+    tracks = dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    return Tracks(filter_genres(tracks, config.genres), collections.Counter(genres))
 
 
 class _ArrowStreamFiles(FileBasedDatasource):

@@ -6,6 +6,8 @@ import os
 
 import ray
 
+from audiodiff.errors import AudiodiffError
+
 
 def init_ray(address: str | None = None) -> None:
     """`ray job submit` sets RAY_ADDRESS, and the driver joins that cluster. Without an address, start a
@@ -27,3 +29,10 @@ def cluster_capacity(resource: str) -> float:
 
     limits = state.get_max_resources_from_cluster_config() or {}
     return max(ray.cluster_resources().get(resource, 0), limits.get(resource, 0))
+
+
+def require_gpus(needed: int, asked_by: str) -> None:
+    """Stops a job that asks for more GPUs than the cluster has or can scale to, before any work starts."""
+    have = cluster_capacity("GPU")
+    if have < needed:
+        raise AudiodiffError(f"{asked_by} needs {needed} GPUs; the Ray cluster has {have:g}, autoscaling included")

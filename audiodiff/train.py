@@ -35,9 +35,10 @@ from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model, save_model
 from audiodiff.preprocess import DATA_DIR, LIGHT_CPUS, REJECTS, filter_genres
-from audiodiff.runtime import cluster_capacity
+from audiodiff.runtime import require_gpus
 
 RUN_NAME = "finetune"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
             losses, images_seen, started = [], 0, time.perf_counter()
             if rank == 0:
                 # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
-                logging.getLogger(__name__).info(
+                log.info(
                     f"step {step}/{c.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                     f"{metrics['images_per_second']:.1f} images/s")
             if step % c.checkpoint_every == 0 or step == c.total_steps:
@@ -259,9 +260,8 @@ def run_finetune(config: TrainConfig) -> dict:
     """Checks everything a user can get wrong, then trains on the current Ray and exports the model."""
     if config.num_workers < 1 or config.batch_size < 1 or config.epochs < 1 or config.grad_accum < 1:
         raise AudiodiffError("--num-workers, --batch-size, --epochs and --grad-accum must be at least 1")
-    if config.gpu and cluster_capacity("GPU") < config.num_workers:
-        raise AudiodiffError(f"--gpu with {config.num_workers} workers needs {config.num_workers} GPUs; the Ray "
-                             f"cluster has {cluster_capacity('GPU'):g}, autoscaling included")
+    if config.gpu:
+        require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
     parts = load_model(config.model)
     if parts.vqvae is not None:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by finetune")
