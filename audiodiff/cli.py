@@ -1,5 +1,7 @@
-"""The `audiodiff` command: one subcommand per stage. Flags become the stage's config dataclass here, and
-nowhere else; `jobs/<stage>.py` calls `main` with its stage name."""
+"""The `audiodiff` command: one subcommand per stage. It only parses: flags become the stage's config
+dataclass (a flag's destination is the field's name, and a flag not given leaves the field's default, so
+each default lives in the dataclass alone); every check is the library's. `jobs/<stage>.py` calls `main`
+with its stage name."""
 
 from __future__ import annotations
 
@@ -17,35 +19,25 @@ def _preprocess_parser(subparsers, common) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="audio folder or URI, parquet folder/URI, saved dataset, hf:// path or hub dataset id")
     p.add_argument("--output", required=True, help="where the spectrogram dataset goes (path, s3://, gs://)")
-    p.add_argument("--genre", action="append", default=[], dest="genres", help="keep this genre (repeatable)")
+    p.add_argument("--genre", action="append", dest="genres", help="keep this genre (repeatable)")
     p.add_argument("--limit", type=int, help="at most N tracks")
-    p.add_argument("--slices", choices=("all", "random"), default="all",
+    p.add_argument("--slices", choices=("all", "random"),
                    help="every full slice of each track, or one random slice per track (the notebook's choice)")
     p.add_argument("--genre-from-folder", action="store_true", help="audio folders: genre = parent folder's name")
-    p.add_argument("--split", default="train", help="dataset split to read (default: train)")
+    p.add_argument("--split", help="dataset split to read")
     mel = p.add_mutually_exclusive_group()
     mel.add_argument("--model", help="take the mel config from this model (hub id, folder, URI or preset)")
     mel.add_argument("--mel-config", help="a mel_config.json (path or URI)")
     p.add_argument("--num-cpus", type=int, dest="num_workers",
                    help="CPU workers (default: up to the CPUs the cluster has or can scale to)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --slices random")
+    p.add_argument("--seed", type=int, help="seed for --slices random")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
 
 
 def _run_preprocess(args) -> None:
-    from audiodiff import models, storage
-    from audiodiff.mel import MelConfig
     from audiodiff.preprocess import PreprocessConfig, run_preprocess
 
-    if args.limit is not None and args.limit < 1:
-        raise AudiodiffError(f"--limit must be at least 1, got {args.limit}")
-    if args.model:
-        mel = models.load_mel_config(args.model)
-    elif args.mel_config:
-        mel = MelConfig.from_json(storage.read_bytes(args.mel_config).decode(), args.mel_config)
-    else:
-        mel = MelConfig()
-    config = _config(PreprocessConfig, args, mel=mel)
+    config = _config(PreprocessConfig, args)
     _init_ray(args)
     stats = run_preprocess(config)
     print(f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
@@ -58,19 +50,19 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--data", required=True, help="spectrogram dataset (ours or teticio's), path or URI")
     p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
     p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=4, help="per worker")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=500)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps")
-    p.add_argument("--log-every", type=int, default=10, help="optimizer steps")
-    p.add_argument("--genre", action="append", default=[], dest="genres", help="train on this genre (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps")
+    p.add_argument("--log-every", type=int, help="optimizer steps")
+    p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
-    p.add_argument("--max-failures", type=int, default=0, help="worker failures to survive (FailureConfig)")
+    p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
 
 
 def _run_finetune(args) -> None:
@@ -88,17 +80,17 @@ def _generate_parser(subparsers, common) -> None:
                               help="mass-generate standard and extended clips (Ray Data batch inference)")
     p.add_argument("--model", required=True, help="hub id, model folder or URI (or a preset, untrained)")
     p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
-    p.add_argument("--num-clips", type=int, default=4, help="standard clips (x_res frames)")
-    p.add_argument("--num-extended", type=int, default=0, help="extended clips (--extend-factor x x_res frames)")
-    p.add_argument("--extend-factor", type=float, default=4.0)
-    p.add_argument("--scheduler", default="ddpm", help="ddpm (default) or ddim")
+    p.add_argument("--num-clips", type=int, help="standard clips (x_res frames)")
+    p.add_argument("--num-extended", type=int, help="extended clips (--extend-factor x x_res frames)")
+    p.add_argument("--extend-factor", type=float)
+    p.add_argument("--scheduler", help="ddpm or ddim")
     p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic sampling)")
-    p.add_argument("--seed", type=int, default=0, help="clip seeds derive from this and the clip's index")
-    p.add_argument("--batch-size", type=int, default=4, help="clips denoised together")
-    p.add_argument("--concurrency", type=int, default=1, help="actors (one GPU each with --gpu)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0: deterministic sampling)")
+    p.add_argument("--seed", type=int, help="clip seeds derive from this and the clip's index")
+    p.add_argument("--batch-size", type=int, help="clips denoised together")
+    p.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--target-dbfs", type=float, default=-1.0, help="peak level of each saved clip")
+    p.add_argument("--target-dbfs", type=float, help="peak level of each saved clip")
 
 
 def _run_generate(args) -> None:
@@ -114,22 +106,23 @@ def _run_generate(args) -> None:
 def _demo_parser(subparsers, common) -> None:
     p = subparsers.add_parser("demo", parents=[common],
                               help="all three stages on synthesised audio with the tiny model, on a local Ray")
-    p.add_argument("--output", default="out/demo", help="local folder (default: out/demo)")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--output", help="local folder (default: out/demo)")
+    p.add_argument("--epochs", type=int)
 
 
 def _run_demo(args) -> None:
-    from audiodiff.demo import run_demo
+    from audiodiff.demo import DemoConfig, run_demo
 
+    config = _config(DemoConfig, args)
     _init_ray(args)
-    index = run_demo(args.output, epochs=args.epochs)
+    index = run_demo(config)
     print(f"demo: done; open {index} in a browser to see and hear the clips")
 
 
-def _config(config_class, args, **computed):
-    """A stage's config dataclass from the parsed flags: each flag's destination is the field's name."""
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
-    return config_class(**{**flags, **computed})
+def _config(config_class, args):
+    """A stage's config dataclass from the flags given; the fields of flags not given keep their defaults."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+                           if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False})
 
 
 def _init_ray(args) -> None:

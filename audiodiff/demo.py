@@ -3,18 +3,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.generate import GenerateConfig, run_generate
-from audiodiff.models import PRESETS
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.synth import GENRES, write_examples
 from audiodiff.train import TrainConfig, run_finetune
 
 MARKER = "demo.json"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    output: str = "out/demo"  # a local folder
+    epochs: int = 6
 
 
 def _fresh_folder(output: str) -> None:
@@ -29,17 +35,17 @@ def _fresh_folder(output: str) -> None:
                         .encode())
 
 
-def run_demo(output: str, epochs: int = 6) -> str:
+def run_demo(config: DemoConfig) -> str:
     """Runs the demo; returns the path of the gallery page."""
+    output = config.output
     _fresh_folder(output)
     audio = storage.join(output, "audio")
     write_examples(audio, tracks_per_genre=4, seconds=12.0)
     print(f"demo: wrote {4 * len(GENRES)} tracks of synthetic audio ({', '.join(GENRES)}) to {audio}", flush=True)
     spectrograms = storage.join(output, "spectrograms")
-    run_preprocess(PreprocessConfig(sources=[audio], output=spectrograms, mel=PRESETS["tiny"][1],
-                                    genre_from_folder=True))
+    run_preprocess(PreprocessConfig(sources=[audio], output=spectrograms, model="tiny", genre_from_folder=True))
     model = storage.join(output, "model")
-    run_finetune(TrainConfig(data=spectrograms, model="tiny", output=model, epochs=epochs, batch_size=8,
+    run_finetune(TrainConfig(data=spectrograms, model="tiny", output=model, epochs=config.epochs, batch_size=8,
                              warmup_steps=10, checkpoint_every=50, log_every=10))
     result = run_generate(GenerateConfig(model=model, output=storage.join(output, "generated"), num_clips=4,
                                          num_extended=1, scheduler="ddim", steps=50, batch_size=5))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import tempfile
 
 import diffusers
@@ -23,8 +22,8 @@ from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
 
-SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # by the names the commands take
+_SCHEDULER_CLASSES = {cls.__name__: cls for cls in SCHEDULERS.values()}
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -94,7 +93,7 @@ def load_model(name: str) -> PipelineParts:
             return load_model_folder(local, source=name)
     if os.path.exists(name) or name.startswith("file://"):
         return load_model_folder(storage.resolve(name)[1], source=name)
-    if _HUB_ID.match(name):
+    if storage.is_hub_id(name):
         return load_model_folder(_download_from_hub(name), source=name)
     raise _no_such_model(name)
 
@@ -125,9 +124,9 @@ def load_model_folder(folder: str, source: str | None = None) -> PipelineParts:
     if missing:
         raise AudiodiffError(f"{source}: model_index.json names no {' and no '.join(missing)}")
     scheduler_class = components["scheduler"][-1]
-    if scheduler_class not in SCHEDULERS:
+    if scheduler_class not in _SCHEDULER_CLASSES:
         raise AudiodiffError(f"{source}: scheduler {scheduler_class} is not supported; "
-                             f"use one of {sorted(SCHEDULERS)}")
+                             f"use one of {sorted(_SCHEDULER_CLASSES)}")
     for required in ("unet/config.json", f"unet/{_WEIGHTS}", "scheduler/scheduler_config.json",
                      "mel/mel_config.json"):
         if not os.path.isfile(os.path.join(folder, required)):
@@ -140,7 +139,7 @@ def load_model_folder(folder: str, source: str | None = None) -> PipelineParts:
         mel = MelConfig.from_json(f.read(), f"{source}/mel/mel_config.json")
     try:
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        scheduler = SCHEDULERS[scheduler_class].from_pretrained(folder, subfolder="scheduler")
+        scheduler = _SCHEDULER_CLASSES[scheduler_class].from_pretrained(folder, subfolder="scheduler")
         has_vqvae = (components.get("vqvae") or [None])[-1] is not None
         vqvae = AutoencoderKL.from_pretrained(folder, subfolder="vqvae", use_safetensors=True) if has_vqvae else None
     except (OSError, ValueError, TypeError) as e:
@@ -196,6 +195,17 @@ def _write_model_folder(parts: PipelineParts, folder: str) -> None:
         f.write("\n")
 
 
+def check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise AudiodiffError(f"--scheduler must be one of {sorted(SCHEDULERS)}, got '{name}'")
+
+
+def make_scheduler(name: str, parts: PipelineParts) -> DDPMScheduler | DDIMScheduler:
+    """The model's noise schedule under the sampler `name` (ddpm or ddim)."""
+    check_scheduler(name)
+    return SCHEDULERS[name].from_config(parts.scheduler.config)
+
+
 def load_mel_config(name: str) -> MelConfig:
     """Only the mel config of a model (preset, folder, URI or hub id), without loading its weights."""
     if name in PRESETS:
@@ -203,7 +213,7 @@ def load_mel_config(name: str) -> MelConfig:
     if storage.is_remote(name) or os.path.exists(name) or name.startswith("file://"):
         path = storage.join(name, "mel", "mel_config.json")
         return MelConfig.from_json(storage.read_bytes(path).decode(), path)
-    if _HUB_ID.match(name):
+    if storage.is_hub_id(name):
         folder = _download_from_hub(name, patterns=["mel/mel_config.json"])
         with open(os.path.join(folder, "mel", "mel_config.json")) as f:
             return MelConfig.from_json(f.read(), f"{name}/mel/mel_config.json")

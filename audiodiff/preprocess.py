@@ -4,10 +4,7 @@ Sources (several per run): a folder or URI of audio files; HF-style parquet (an 
 `{bytes, path}`, an optional `genre` column) on disk, object storage or the hub (`hf://`, or a dataset id);
 a dataset saved with `datasets.save_to_disk` (local). Every source becomes rows of
 `{source, bytes, genre}`; `SpectrogramMaker` turns each track into PNG slices or a reject reason;
-`SpectrogramSink` writes the parts, `rejects.parquet` and `stats.json`.
-
-Output under URI: `mel_config.json`, `data/part-*.parquet` (image {bytes, path}, audio_file, slice, genre),
-`rejects.parquet` (source, reason), `stats.json`.
+`audiodiff.dataset.SpectrogramSink` writes the spectrogram dataset (its format is described there).
 """
 
 from __future__ import annotations
@@ -15,13 +12,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
-import json
 import os
 import posixpath
 import re
 import time
-import uuid
 import zlib
 
 import numpy as np
@@ -29,42 +23,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data.datasource import Datasink, FileBasedDatasource
-from ray.data.expressions import col
 
 from audiodiff import storage
 from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
+from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, is_saved_dataset, prepare_output, \
+    read_stats
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
-from audiodiff.runtime import cluster_capacity
+from audiodiff.models import load_mel_config
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, cluster_capacity
 
 TRACK_SCHEMA = pa.schema([("source", pa.string()), ("bytes", pa.binary()), ("genre", pa.string())])
-SLICE_SCHEMA = pa.schema(
-    [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("audio_file", pa.string()),
-     ("slice", pa.int16()), ("genre", pa.string())],
-    # datasets reads these features, so `load_dataset("parquet", ...)` gives a working Image column
-    metadata={"huggingface": json.dumps({"info": {"features": {
-        "image": {"_type": "Image"}, "audio_file": {"dtype": "string", "_type": "Value"},
-        "slice": {"dtype": "int16", "_type": "Value"}, "genre": {"dtype": "string", "_type": "Value"}}}})},
-)
-REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
-DATA_DIR = "data"  # the parquet parts; rejects and stats sit beside it so "all parts" never includes them
-REJECTS = "rejects.parquet"
-# Reading, reshaping rows, filtering and writing parts are light next to the spectrograms. Spectrogram actors
-# take 3/4 of a CPU and every light step 1/4, so a full pool of one actor per core still leaves room to
-# feed and drain it; with whole CPUs a light step that does not fuse into the actors (after --limit, say)
-# waits forever for a CPU on a 2-core machine (as RAY_NOTES.md's Train + Data hang).
-ACTOR_CPUS = 0.75
-LIGHT_CPUS = 0.25
-_HUB_DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclasses.dataclass
 class PreprocessConfig:
     sources: list[str]
     output: str
-    mel: MelConfig = dataclasses.field(default_factory=MelConfig)
+    model: str | None = None  # the mel config comes from this model (hub id, folder, URI or preset) ...
+    mel_config: str | None = None  # ... or from this mel_config.json (path or URI); else diffusers' defaults
     genres: list[str] = dataclasses.field(default_factory=list)
     limit: int | None = None
     slices: str = "all"  # "all" full slices per track, or "random": one per track, as the notebook
@@ -89,14 +67,13 @@ class Tracks:
 
 def open_source(uri: str, config: PreprocessConfig) -> Tracks:
     if uri.startswith("hf://"):
-        return _open_parquet(_hub_parquet_files(uri), _hub_filesystem(), uri, config)
+        return _open_parquet(_hub_parquet_files(uri), storage.hub_filesystem(), uri, config)
+    if storage.is_hub_id(uri):
+        return open_source(f"hf://datasets/{uri}", config)
     local = not storage.is_remote(uri)
     if not storage.exists(uri):
-        if local and _HUB_DATASET_ID.match(uri) and not uri.startswith("."):
-            return open_source(f"hf://datasets/{uri}", config)
         raise AudiodiffError(f"{uri}: source not found (not a file, a folder, an object-storage URI or a hub id)")
-    saved_by_datasets = any(storage.exists(storage.join(uri, marker)) for marker in ("state.json", "dataset_dict.json"))
-    if saved_by_datasets:
+    if is_saved_dataset(uri):
         if not local:
             raise AudiodiffError(f"{uri}: datasets saved with save_to_disk are read from local disk only; "
                                  "write it as parquet (Dataset.to_parquet) to read it from object storage")
@@ -131,13 +108,6 @@ def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
                          "genre": [genres[s] for s in sources]}, schema=TRACK_SCHEMA)
 
     return Tracks(dataset.map_batches(to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), counts)
-
-
-def _hub_filesystem():
-    from huggingface_hub import HfFileSystem
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(HfFileSystem()))
 
 
 def _hub_parquet_files(uri: str) -> list[str]:
@@ -192,7 +162,7 @@ def _open_saved_dataset(path: str, config: PreprocessConfig) -> Tracks:
         raise AudiodiffError(f"{path}: dataset has no 'audio' column (columns: {', '.join(saved.column_names)})")
     genres = saved["genre"] if "genre" in saved.column_names else [None] * len(saved)
     files = [f["filename"] for f in saved.cache_files]
-    dataset = ray.data.read_datasource(_ArrowStreamFiles(files, include_paths=True), num_cpus=LIGHT_CPUS)
+    dataset = ray.data.read_datasource(ArrowStreamFiles(files, include_paths=True), num_cpus=LIGHT_CPUS)
     return _hf_tracks(dataset, genres, config)
 
 
@@ -200,17 +170,6 @@ def _hf_tracks(dataset: ray.data.Dataset, genres, config: PreprocessConfig) -> T
     """Rows of a Hugging Face audio dataset as tracks of the chosen genres; `genres` is its genre column."""
     tracks = dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     return Tracks(filter_genres(tracks, config.genres), collections.Counter(genres))
-
-
-class _ArrowStreamFiles(FileBasedDatasource):
-    """The Arrow IPC stream files that `datasets.save_to_disk` writes, in blocks of a few tracks."""
-
-    _ROWS_PER_BLOCK = 16
-
-    def _read_stream(self, f, path):
-        for batch in pa.ipc.open_stream(f):
-            for start in range(0, batch.num_rows, self._ROWS_PER_BLOCK):
-                yield pa.Table.from_batches([batch.slice(start, self._ROWS_PER_BLOCK)])
 
 
 def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
@@ -223,13 +182,6 @@ def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
     genres = batch["genre"] if "genre" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
     return pa.table({"source": sources, "bytes": pa.array(data, pa.binary()), "genre": genres.cast(pa.string())},
                     schema=TRACK_SCHEMA)
-
-
-def filter_genres(dataset: ray.data.Dataset, genres: list[str]) -> ray.data.Dataset:
-    """Rows whose `genre` is one of `genres`; all rows when none are given."""
-    if not genres:
-        return dataset
-    return dataset.filter(expr=col("genre").is_in(list(genres)), num_cpus=LIGHT_CPUS)
 
 
 # work per track
@@ -280,72 +232,14 @@ class SpectrogramMaker:
 # output
 
 
-class SpectrogramSink(Datasink):
-    """Writes each task's good slices as one parquet part (whole or absent) and returns what it saw, so
-    that the driver can write the rejects and the stats once everything is in."""
-
-    def __init__(self, output: str, started: float):
-        self.output = output
-        self.started = started
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return 32  # tracks per part: about 150 slices of 30 s tracks, instead of many tiny parquet files
-
-    def write(self, blocks, ctx) -> dict:
-        slices, seen = [], {"tracks": [], "rejects": []}
-        for block in blocks:
-            for row in block.to_pylist():
-                if row["reason"] is not None:
-                    seen["rejects"].append((row["source"], row["reason"]))
-                    continue
-                seen["tracks"].append((row["genre"], row["seconds"], len(row["slices"]), row["silent"]))
-                stem = posixpath.splitext(posixpath.basename(row["source"]))[0]
-                slices.extend({"image": {"bytes": png, "path": f"{stem}_{i}.png"}, "audio_file": row["source"],
-                               "slice": i, "genre": row["genre"]} for i, png in zip(row["slices"], row["pngs"]))
-        if slices:
-            buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(slices, schema=SLICE_SCHEMA), buffer)
-            name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-            storage.write_bytes(storage.join(self.output, DATA_DIR, name), buffer.getvalue())
-        return seen
-
-    def on_write_complete(self, write_result) -> None:
-        """On the driver, once every part is written: rejects.parquet, then stats.json."""
-        tracks = [t for r in write_result.write_returns for t in r["tracks"]]
-        rejects = [t for r in write_result.write_returns for t in r["rejects"]]
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([{"source": s, "reason": r} for s, r in rejects], schema=REJECT_SCHEMA),
-                       buffer)
-        storage.write_bytes(storage.join(self.output, REJECTS), buffer.getvalue())
-        per_genre = collections.defaultdict(lambda: {"tracks": 0, "slices": 0})
-        for genre, _, n_slices, _ in tracks:
-            per_genre[genre or "unknown"]["tracks"] += 1
-            per_genre[genre or "unknown"]["slices"] += n_slices
-        stats = {
-            "tracks_read": len(tracks) + len(rejects),
-            "tracks_written": len(tracks),
-            "tracks_rejected": len(rejects),
-            "slices_written": sum(t[2] for t in tracks),
-            "silent_slices_skipped": sum(t[3] for t in tracks),
-            "seconds_of_audio": round(sum(t[1] for t in tracks), 3),
-            "per_genre": dict(sorted(per_genre.items())),
-            "elapsed_seconds": round(time.time() - self.started, 3),
-        }
-        storage.write_bytes(storage.join(self.output, "stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
-
-
-def _prepare_output(config: PreprocessConfig) -> None:
-    data = storage.join(config.output, DATA_DIR)
-    parts = storage.list_files(data) if storage.exists(data) else []
-    if parts and not config.overwrite:
-        raise AudiodiffError(f"{config.output}: already holds a spectrogram dataset; "
-                             "choose another --output or pass --overwrite")
-    for part in parts:
-        fs, path = storage.resolve(part)
-        fs.delete_file(path)
-    # written first: a bad or read-only output stops the job before any work
-    storage.write_bytes(storage.join(config.output, "mel_config.json"), config.mel.to_json().encode())
+def resolve_mel_config(config: PreprocessConfig) -> MelConfig:
+    if config.model and config.mel_config:
+        raise AudiodiffError("give the mel config by --model or by --mel-config, not both")
+    if config.model:
+        return load_mel_config(config.model)
+    if config.mel_config:
+        return MelConfig.from_json(storage.read_bytes(config.mel_config).decode(), config.mel_config)
+    return MelConfig()
 
 
 def genre_table(counts: collections.Counter, selected: list[str]) -> str:
@@ -363,9 +257,12 @@ def run_preprocess(config: PreprocessConfig) -> dict:
         raise AudiodiffError(f"--slices must be 'all' or 'random', got '{config.slices}'")
     if not config.sources:
         raise AudiodiffError("give at least one SOURCE")
+    if config.limit is not None and config.limit < 1:
+        raise AudiodiffError(f"--limit must be at least 1, got {config.limit}")
+    mel = resolve_mel_config(config)
     started = time.time()
     opened = [open_source(uri, config) for uri in config.sources]
-    _prepare_output(config)
+    prepare_output(config.output, mel.to_json(), config.overwrite)
     counts = sum((o.genre_counts for o in opened), collections.Counter())
     print(genre_table(counts, config.genres), flush=True)
     missing = [g for g in config.genres if g not in counts]
@@ -377,8 +274,8 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
             ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
     spectrograms = tracks.map_batches(
-        SpectrogramMaker, fn_constructor_args=(config.mel, config.slices, config.seed),
+        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed),
         batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
     )
     spectrograms.write_datasink(SpectrogramSink(config.output, started), ray_remote_args={"num_cpus": LIGHT_CPUS})
-    return json.loads(storage.read_bytes(storage.join(config.output, "stats.json")))
+    return read_stats(config.output)

@@ -8,6 +8,13 @@ import ray
 
 from audiodiff.errors import AudiodiffError
 
+# CPU shares of Ray steps. Heavy per-item work (spectrogram actors) takes 3/4 of a CPU and every light step
+# (reading, reshaping rows, filtering, writing) 1/4, so a full pool of one actor per core still leaves room
+# to feed and drain it; with whole CPUs a light step that does not fuse into the actors (after --limit, say)
+# waits forever for a CPU on a 2-core machine (as RAY_NOTES.md's Train + Data hang).
+ACTOR_CPUS = 0.75
+LIGHT_CPUS = 0.25
+
 
 def init_ray(address: str | None = None) -> None:
     """`ray job submit` sets RAY_ADDRESS, and the driver joins that cluster. Without an address, start a

@@ -1,15 +1,17 @@
-"""URIs (plain paths, file://, s3://, gs://) -> pyarrow filesystems; whole-or-absent writes; listing.
+"""URIs (plain paths, file://, s3://, gs://, hf://) -> pyarrow filesystems; whole-or-absent writes; listing.
 
 S3 takes its credentials and region from the standard AWS environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, instance roles) and its endpoint from
 AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000 for MinIO or moto). GCS uses
-Google's application default credentials.
+Google's application default credentials. `hf://datasets/owner/name/...` reads the Hugging Face Hub through
+`huggingface_hub.HfFileSystem` (HF_TOKEN for private repositories).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from urllib.parse import urlparse
 
@@ -17,9 +19,22 @@ import pyarrow.fs as pafs
 
 from audiodiff.errors import AudiodiffError
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
 
 def is_remote(uri: str) -> bool:
-    return urlparse(uri).scheme in ("s3", "gs", "gcs")
+    return urlparse(uri).scheme in ("s3", "gs", "gcs", "hf")
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name`, as the Hugging Face Hub names models and datasets (and no local path does)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith(".") and not os.path.exists(name)
+
+
+def hub_filesystem() -> pafs.FileSystem:
+    from huggingface_hub import HfFileSystem
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -37,10 +52,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "hf":
+        return hub_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme == "file":
         return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise AudiodiffError(f"{uri}: unsupported storage scheme '{parsed.scheme}://'; use a path, file://, s3:// or gs://")
+        raise AudiodiffError(f"{uri}: unsupported storage scheme '{parsed.scheme}://'; use a path, file://, s3://, gs:// or hf://")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -98,6 +115,14 @@ def write_bytes(uri: str, data: bytes) -> None:
                 f.write(data)
     except OSError as e:
         raise AudiodiffError(f"{uri}: cannot write ({e})") from None
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except OSError as e:
+        raise AudiodiffError(f"{uri}: cannot delete ({e})") from None
 
 
 def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:

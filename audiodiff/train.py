@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -34,8 +33,8 @@ from PIL import Image, ImageDraw
 from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model, save_model
-from audiodiff.preprocess import DATA_DIR, LIGHT_CPUS, REJECTS, filter_genres
-from audiodiff.runtime import require_gpus
+from audiodiff.dataset import decode_images, first_image_size, read_spectrograms
+from audiodiff.runtime import LIGHT_CPUS, require_gpus
 
 RUN_NAME = "finetune"
 log = logging.getLogger(__name__)
@@ -74,46 +73,23 @@ class TrainConfig:
 # data
 
 
-def spectrogram_files(data: str) -> list[str]:
-    """Our layout keeps parts in data/; teticio's datasets have parquet files anywhere under the URI."""
-    if not storage.exists(data):
-        raise AudiodiffError(f"{data}: no such dataset")
-    parts = storage.join(data, DATA_DIR)
-    root = parts if storage.exists(parts) else data
-    files = [f for f in storage.list_files(root, (".parquet",)) if not f.endswith(REJECTS)]
-    if not files:
-        raise AudiodiffError(f"{data}: no parquet files; run `audiodiff preprocess` first")
-    return files
-
-
-def _decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    images = np.stack([np.asarray(Image.open(io.BytesIO(item["bytes"])).convert("L")) for item in batch["image"]])
-    return {"image": (images[:, None].astype(np.float32) / 127.5 - 1.0)}  # [batch, 1, H, W] in [-1, 1]
+def _to_model_space(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"image": decode_images(batch)["image"][:, None].astype(np.float32) / 127.5 - 1.0}
 
 
 def load_spectrograms(config: TrainConfig, image_size: tuple[int, int]) -> tuple[ray.data.Dataset, int]:
     """The training images as a Ray dataset, and their number; checks size and emptiness up front."""
-    files = spectrogram_files(config.data)
-    fs = storage.resolve(files[0])[0]
-    paths = [storage.resolve(f)[1] for f in files]
-    try:
-        first = pq.ParquetFile(paths[0], filesystem=fs).read_row_group(0, columns=["image"])
-        rows = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
-    except (OSError, KeyError, IndexError) as e:
-        raise AudiodiffError(f"{config.data}: not a spectrogram dataset ({e})") from None
-    if rows == 0:
-        raise AudiodiffError(f"{config.data}: the dataset is empty")
-    width, height = Image.open(io.BytesIO(first["image"][0]["bytes"].as_py())).size
+    height, width = first_image_size(config.data)
     if (height, width) != image_size:
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{image_size[0]}x{image_size[1]} (height x width); preprocess with --model {config.model}")
     # decoding runs beside the training workers: a light step's share of CPU (RAY_NOTES.md: leave CPU for Data)
-    dataset = filter_genres(ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS), config.genres)
-    if config.genres:
-        rows = dataset.count()
-        if rows == 0:
-            raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}")
-    return dataset.select_columns(["image"]).map_batches(_decode, num_cpus=LIGHT_CPUS), rows
+    dataset = read_spectrograms(config.data, config.genres)
+    rows = dataset.count()
+    if rows == 0:
+        raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
+                             else f"{config.data}: the dataset is empty")
+    return dataset.select_columns(["image"]).map_batches(_to_model_space, num_cpus=LIGHT_CPUS), rows
 
 
 # the loop

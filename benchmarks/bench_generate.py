@@ -19,7 +19,7 @@ import torch
 from diffusers import AudioDiffusionPipeline, DDIMScheduler, Mel
 from torch.utils.flop_counter import FlopCounterMode
 
-from audiodiff import models
+from audiodiff import models, sampling
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.generate import ClipGenerator, GenerateConfig, run_generate
 from audiodiff.runtime import init_ray
@@ -40,9 +40,10 @@ def notebook(folder: str, clips: int, steps: int, out: str) -> float:
 
 def breakdown(config: GenerateConfig, batch_size: int) -> dict[str, float]:
     generator = ClipGenerator(config)
-    seeds = list(range(batch_size))
+    generators = [torch.Generator().manual_seed(seed) for seed in range(batch_size)]
+    mel = generator.codec.config
     start = time.perf_counter()
-    images = generator.denoise(seeds, generator.codec.config.x_res)
+    images = sampling.sample(generator.unet, generator.scheduler, generators, mel.y_res, mel.x_res, config.num_steps)
     t1 = time.perf_counter()
     audio = generator.codec.images_to_audio(images).numpy()
     t2 = time.perf_counter()

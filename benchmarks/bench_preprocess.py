@@ -92,12 +92,12 @@ def run(work: str):
 
     init_ray()
     audio_dir = os.path.join(work, "audio")
-    warm_up = run_preprocess(PreprocessConfig(sources=[audio_dir], output=os.path.join(work, "warm-up"), mel=config,
+    warm_up = run_preprocess(PreprocessConfig(sources=[audio_dir], output=os.path.join(work, "warm-up"),
                                               limit=2, num_workers=1))
     print(f"fixed start-up (a 2-track job):  {warm_up['elapsed_seconds']:6.1f} s")
     rates = {}
     for workers in (1, 2):
-        stats = run_preprocess(PreprocessConfig(sources=[audio_dir] * args.repeats, mel=config,
+        stats = run_preprocess(PreprocessConfig(sources=[audio_dir] * args.repeats,
                                                 output=os.path.join(work, f"out-{workers}"), num_workers=workers))
         rates[workers] = stats["seconds_of_audio"] / stats["elapsed_seconds"]
         print(f"audiodiff, {workers} worker{'s' if workers > 1 else ' '}:        {rates[workers]:8.1f} audio-s/s  "

@@ -28,7 +28,8 @@ from audiodiff import models
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
-from audiodiff.train import TrainConfig, run_finetune, spectrogram_files
+from audiodiff.dataset import spectrogram_files
+from audiodiff.train import TrainConfig, run_finetune
 
 
 def plain_loop(images: torch.Tensor, preset: str, batch_size: int, steps: int, threads: int) -> float:
@@ -86,8 +87,7 @@ def main():
         init_ray()
         write_examples(os.path.join(work, "audio"), tracks_per_genre=4, seconds=12.0)
         data = os.path.join(work, "spec")
-        run_preprocess(PreprocessConfig(sources=[os.path.join(work, "audio")], output=data,
-                                        mel=models.PRESETS["tiny"][1]))
+        run_preprocess(PreprocessConfig(sources=[os.path.join(work, "audio")], output=data, model="tiny"))
         table = pq.read_table(spectrogram_files(data))
         images = torch.from_numpy(np.stack([
             np.asarray(Image.open(io.BytesIO(row["bytes"]))) for row in table["image"].to_pylist()

@@ -1,0 +1,220 @@
+"""The spectrogram dataset: its format, the writer preprocess uses and the reader finetune uses.
+
+Our layout under one URI (DESIGN.md, "Spectrogram dataset"):
+```
+mel_config.json          the codec's numbers, written first
+data/part-*.parquet      image {bytes: PNG grayscale, path}, audio_file, slice (int16), genre (string|null)
+rejects.parquet          source, reason
+stats.json               counts; written last: without it the dataset is incomplete and readers refuse it
+```
+The reader also takes teticio's spectrogram datasets: parquet files anywhere under the URI (the hub's layout),
+or a `datasets.save_to_disk` folder (`dataset_dict.json` + a split folder of Arrow stream files, or one split's
+`state.json`), locally, on object storage or on the hub (`hf://datasets/...`).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import posixpath
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.data.datasource import Datasink, FileBasedDatasource
+from ray.data.expressions import col
+
+from audiodiff import storage
+from audiodiff.errors import AudiodiffError
+from audiodiff.runtime import LIGHT_CPUS
+
+SLICE_SCHEMA = pa.schema(
+    [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("audio_file", pa.string()),
+     ("slice", pa.int16()), ("genre", pa.string())],
+    # datasets reads these features, so `load_dataset("parquet", ...)` gives a working Image column
+    metadata={"huggingface": json.dumps({"info": {"features": {
+        "image": {"_type": "Image"}, "audio_file": {"dtype": "string", "_type": "Value"},
+        "slice": {"dtype": "int16", "_type": "Value"}, "genre": {"dtype": "string", "_type": "Value"}}}})},
+)
+REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+DATA_DIR = "data"  # the parquet parts; rejects and stats sit beside it so "all parts" never includes them
+REJECTS = "rejects.parquet"
+STATS = "stats.json"
+MEL_CONFIG = "mel_config.json"
+
+
+# writing
+
+
+class SpectrogramSink(Datasink):
+    """Writes each task's good slices as one parquet part (whole or absent) and returns what it saw, so
+    that the driver can write the rejects and the stats once everything is in.
+
+    Rows in: `source`, `genre`, `reason` (None for a good track), `seconds`, `silent`, `slices` (indices),
+    `pngs` (one PNG per index)."""
+
+    def __init__(self, output: str, started: float):
+        self.output = output
+        self.started = started
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return 32  # tracks per part: about 150 slices of 30 s tracks, instead of many tiny parquet files
+
+    def write(self, blocks, ctx) -> dict:
+        slices, seen = [], {"tracks": [], "rejects": []}
+        for block in blocks:
+            for row in block.to_pylist():
+                if row["reason"] is not None:
+                    seen["rejects"].append((row["source"], row["reason"]))
+                    continue
+                seen["tracks"].append((row["genre"], row["seconds"], len(row["slices"]), row["silent"]))
+                stem = posixpath.splitext(posixpath.basename(row["source"]))[0]
+                slices.extend({"image": {"bytes": png, "path": f"{stem}_{i}.png"}, "audio_file": row["source"],
+                               "slice": i, "genre": row["genre"]} for i, png in zip(row["slices"], row["pngs"]))
+        if slices:
+            buffer = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(slices, schema=SLICE_SCHEMA), buffer)
+            name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+            storage.write_bytes(storage.join(self.output, DATA_DIR, name), buffer.getvalue())
+        return seen
+
+    def on_write_complete(self, write_result) -> None:
+        """On the driver, once every part is written: rejects.parquet, then stats.json."""
+        tracks = [t for r in write_result.write_returns for t in r["tracks"]]
+        rejects = [t for r in write_result.write_returns for t in r["rejects"]]
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([{"source": s, "reason": r} for s, r in rejects], schema=REJECT_SCHEMA),
+                       buffer)
+        storage.write_bytes(storage.join(self.output, REJECTS), buffer.getvalue())
+        per_genre = collections.defaultdict(lambda: {"tracks": 0, "slices": 0})
+        for genre, _, n_slices, _ in tracks:
+            per_genre[genre or "unknown"]["tracks"] += 1
+            per_genre[genre or "unknown"]["slices"] += n_slices
+        stats = {
+            "tracks_read": len(tracks) + len(rejects),
+            "tracks_written": len(tracks),
+            "tracks_rejected": len(rejects),
+            "slices_written": sum(t[2] for t in tracks),
+            "silent_slices_skipped": sum(t[3] for t in tracks),
+            "seconds_of_audio": round(sum(t[1] for t in tracks), 3),
+            "per_genre": dict(sorted(per_genre.items())),
+            "elapsed_seconds": round(time.time() - self.started, 3),
+        }
+        storage.write_bytes(storage.join(self.output, STATS), (json.dumps(stats, indent=2) + "\n").encode())
+
+
+def prepare_output(output: str, mel_config_json: str, overwrite: bool) -> None:
+    """Makes `output` ready for a new dataset: refuses one already there unless `overwrite`, removes the
+    stats first (so a reader never takes a half-replaced dataset for complete), then the old parts, and
+    writes the mel config (a bad or read-only output stops the job here, before any work)."""
+    data = storage.join(output, DATA_DIR)
+    parts = storage.list_files(data) if storage.exists(data) else []
+    if parts and not overwrite:
+        raise AudiodiffError(f"{output}: already holds a spectrogram dataset; "
+                             "choose another --output or pass --overwrite")
+    for uri in [storage.join(output, STATS)] + parts:
+        if storage.exists(uri):
+            storage.delete(uri)
+    storage.write_bytes(storage.join(output, MEL_CONFIG), mel_config_json.encode())
+
+
+def read_stats(output: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(output, STATS)))
+
+
+# reading
+
+
+class ArrowStreamFiles(FileBasedDatasource):
+    """The Arrow IPC stream files that `datasets.save_to_disk` writes, in blocks of a few rows."""
+
+    _ROWS_PER_BLOCK = 16
+
+    def _read_stream(self, f, path):
+        for batch in pa.ipc.open_stream(f):
+            for start in range(0, batch.num_rows, self._ROWS_PER_BLOCK):
+                yield pa.Table.from_batches([batch.slice(start, self._ROWS_PER_BLOCK)])
+
+
+def saved_dataset_files(uri: str, split: str = "train") -> list[str]:
+    """The Arrow files of one split of a `datasets.save_to_disk` folder (a DatasetDict or a single Dataset),
+    read from its own index files, so that object storage works as a local disk does."""
+    if storage.exists(storage.join(uri, "dataset_dict.json")):
+        splits = json.loads(storage.read_bytes(storage.join(uri, "dataset_dict.json")))["splits"]
+        if split not in splits:
+            raise AudiodiffError(f"{uri}: no split '{split}' (splits: {', '.join(splits)})")
+        uri = storage.join(uri, split)
+    state = json.loads(storage.read_bytes(storage.join(uri, "state.json")))
+    return [storage.join(uri, f["filename"]) for f in state["_data_files"]]
+
+
+def is_saved_dataset(uri: str) -> bool:
+    return any(storage.exists(storage.join(uri, marker)) for marker in ("state.json", "dataset_dict.json"))
+
+
+def spectrogram_files(uri: str) -> list[str]:
+    """The files holding a dataset's images: our parts (only once the dataset is complete), a saved
+    dataset's Arrow files, or every parquet file under the URI (teticio's layout)."""
+    if not storage.exists(uri):
+        raise AudiodiffError(f"{uri}: no such dataset")
+    if is_saved_dataset(uri):
+        return saved_dataset_files(uri)
+    parts = storage.join(uri, DATA_DIR)
+    if storage.exists(parts):
+        if not storage.exists(storage.join(uri, STATS)):
+            raise AudiodiffError(f"{uri}: incomplete spectrogram dataset (no {STATS}: preprocess did not finish); "
+                                 "run preprocess again with --overwrite")
+        root = parts
+    else:
+        root = uri
+    files = [f for f in storage.list_files(root, (".parquet",)) if not f.endswith(REJECTS)]
+    if not files:
+        raise AudiodiffError(f"{uri}: no parquet files; run `audiodiff preprocess` first")
+    return files
+
+
+def read_spectrograms(uri: str, genres: list[str] = ()) -> ray.data.Dataset:
+    """A dataset's rows (`image`, and `audio_file`/`genre` where present) as a Ray dataset, optionally
+    of some genres only."""
+    files = spectrogram_files(uri)
+    fs = storage.resolve(files[0])[0]
+    paths = [storage.resolve(f)[1] for f in files]
+    if files[0].endswith(".parquet"):
+        dataset = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
+    else:
+        dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs), num_cpus=LIGHT_CPUS)
+    return filter_genres(dataset, genres)
+
+
+def first_image_size(uri: str) -> tuple[int, int]:
+    """(height, width) of a dataset's first image, read without starting Ray; checks the format."""
+    first = spectrogram_files(uri)[0]
+    try:
+        if first.endswith(".parquet"):
+            fs, path = storage.resolve(first)
+            column = pq.ParquetFile(path, filesystem=fs).read_row_group(0, columns=["image"])["image"]
+        else:
+            column = pa.ipc.open_stream(storage.read_bytes(first)).read_next_batch().column("image")
+        width, height = Image.open(io.BytesIO(column[0]["bytes"].as_py())).size
+    except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
+        raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
+    return height, width
+
+
+def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PNG bytes -> uint8 [batch, height, width]; images stay uint8 until they reach the accelerator."""
+    return {"image": np.stack([np.asarray(Image.open(io.BytesIO(item["bytes"])).convert("L"))
+                               for item in batch["image"]])}
+
+
+def filter_genres(dataset: ray.data.Dataset, genres: list[str]) -> ray.data.Dataset:
+    """Rows whose `genre` is one of `genres`; all rows when none are given."""
+    if not genres:
+        return dataset
+    return dataset.filter(expr=col("genre").is_in(list(genres)), num_cpus=LIGHT_CPUS)

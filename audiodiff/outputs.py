@@ -1,0 +1,96 @@
+"""What generation leaves for a person: per clip a WAV and a PNG under `clips/`, `manifest.parquet` and a
+gallery page, `index.html` (DESIGN.md, "Generation output"). Used by generate and by the fine-tune's samples.
+
+Files are written whole; a clip counts as done once its PNG exists (the WAV is written first).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.datasource import Datasink
+
+from audiodiff import storage
+from audiodiff.encode import png_bytes, wav_bytes
+
+CLIPS_DIR = "clips"
+MANIFEST_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("seed", pa.int64()), ("kind", pa.string()), ("frames", pa.int32()),
+    ("seconds", pa.float64()), ("scheduler", pa.string()), ("steps", pa.int32()), ("model", pa.string()),
+    ("wav", pa.string()), ("png", pa.string()),
+])
+
+
+def clip_paths(clip_id: str) -> dict[str, str]:
+    """A clip's files, relative to the output."""
+    return {"wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png"}
+
+
+def encode_clip(image: np.ndarray, audio: np.ndarray, sample_rate: int, target_dbfs: float) -> tuple[bytes, bytes]:
+    """(WAV, PNG) bytes of one clip; the audio peak-normalised to `target_dbfs` (teticio's users found saved
+    clips very quiet)."""
+    peak = float(np.abs(audio).max())
+    if peak > 0:
+        audio = audio * (10 ** (target_dbfs / 20) / peak)
+    return wav_bytes(audio, sample_rate), png_bytes(image)
+
+
+def write_clip(output: str, wav: str, png: str, wav_data: bytes, png_data: bytes) -> None:
+    storage.write_bytes(storage.join(output, wav), wav_data)
+    storage.write_bytes(storage.join(output, png), png_data)
+
+
+class ClipSink(Datasink):
+    """Writes the clips an accelerator actor returned (`wav`, `png` paths and `wav_bytes`, `png_bytes`), on
+    CPU tasks of their own, so the actor goes on computing while files are written."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def write(self, blocks, ctx) -> int:
+        written = 0
+        for block in blocks:
+            for row in block.to_pylist():
+                write_clip(self.output, row["wav"], row["png"], row["wav_bytes"], row["png_bytes"])
+                written += 1
+        return written
+
+
+def finished_clips(output: str) -> set[str]:
+    clips = storage.join(output, CLIPS_DIR)
+    if not storage.exists(clips):
+        return set()
+    names = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(clips)}
+    return {name[:-4] for name in names if name.endswith(".png") and f"{name[:-4]}.wav" in names}
+
+
+def write_if_changed(uri: str, data: bytes) -> None:
+    """A re-run that changes nothing leaves the file (and its modification time) alone."""
+    if not (storage.exists(uri) and storage.read_bytes(uri) == data):
+        storage.write_bytes(uri, data)
+
+
+def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str:
+    """`manifest.parquet` and `index.html` for `rows` (MANIFEST_SCHEMA); returns the gallery's URI."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
+    write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
+    index = storage.join(output, "index.html")
+    write_if_changed(index, gallery_html(rows, title).encode())
+    return index
+
+
+def gallery_html(rows: list[dict], title: str) -> str:
+    figures = "\n".join(
+        f'<figure><figcaption>{html.escape(r["clip_id"])} · {r["kind"]} · {r["seconds"]:.2f} s · seed {r["seed"]}'
+        f'</figcaption><img src="{html.escape(r["png"])}" alt="spectrogram of {html.escape(r["clip_id"])}">'
+        f'<audio controls preload="none" src="{html.escape(r["wav"])}"></audio></figure>' for r in rows)
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
+            "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em;"
+            "vertical-align:top}img{display:block;image-rendering:pixelated;height:256px;max-width:90vw}"
+            "audio{display:block;width:100%}</style></head>\n"
+            f"<body><h1>{html.escape(title)}</h1>\n{figures}\n</body></html>\n")
