@@ -35,14 +35,11 @@ def _preprocess_parser(subparsers, common) -> None:
 
 
 def _run_preprocess(args) -> None:
-    from audiodiff.preprocess import PreprocessConfig, run_preprocess
+    from audiodiff.preprocess import PreprocessConfig, run_preprocess, summary_line
 
     config = _config(PreprocessConfig, args)
     _init_ray(args)
-    stats = run_preprocess(config)
-    print(f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
-          f"{stats['tracks_rejected']} rejected; {stats['slices_written']} slices "
-          f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {config.output}")
+    print(summary_line(run_preprocess(config), config.output))
 
 
 def _finetune_parser(subparsers, common) -> None:
@@ -54,25 +51,32 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per worker")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="default: 1 with --gpu, else the cluster's CPUs shared by the workers (0.5 when streaming)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant", "linear"), help="after the warm-up (default: cosine)")
+    p.add_argument("--warmup-steps", type=int, help="default: 10%% of the run, at most 500")
     p.add_argument("--grad-accum", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="optimizer steps")
-    p.add_argument("--log-every", type=int, help="optimizer steps")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps (default: 500, and at the end)")
+    p.add_argument("--log-every", type=int, help="optimizer steps (default: 10)")
+    p.add_argument("--sample-every", type=int,
+                   help="optimizer steps between samples and quality figures (default: 500, and at the end)")
+    p.add_argument("--num-samples", type=int, help="clips per sample step (default: 8)")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps of the samples (default: 20)")
     p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="data order, noise and timesteps (default: 0)")
+    p.add_argument("--stream", action="store_true", help="stream the data even if it fits in the object store")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
+    p.add_argument("--stop-at-step", type=int, help="end this run at that step, checkpointed; --resume continues it")
     p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
 
 
 def _run_finetune(args) -> None:
-    from audiodiff.train import TrainConfig, run_finetune
+    from audiodiff.train import TrainConfig, run_finetune, summary_line
 
     config = _config(TrainConfig, args)
     _init_ray(args)
-    result = run_finetune(config)
-    print(f"finetune: {result['steps']} steps on {result['images']} images, loss {result['first_loss']:.4f} -> "
-          f"{result['last_loss']:.4f} -> {result['output']}")
+    print(summary_line(run_finetune(config)))
 
 
 def _generate_parser(subparsers, common) -> None:
@@ -94,20 +98,19 @@ def _generate_parser(subparsers, common) -> None:
 
 
 def _run_generate(args) -> None:
-    from audiodiff.generate import GenerateConfig, run_generate
+    from audiodiff.generate import GenerateConfig, run_generate, summary_line
 
     config = _config(GenerateConfig, args)
     _init_ray(args)
-    result = run_generate(config)
-    print(f"generate: {result['written']} clips written, {result['skipped']} already there, "
-          f"{result['planned']} in the manifest -> {result['index']}")
+    print(summary_line(run_generate(config)))
 
 
 def _demo_parser(subparsers, common) -> None:
     p = subparsers.add_parser("demo", parents=[common],
                               help="all three stages on synthesised audio with the tiny model, on a local Ray")
     p.add_argument("--output", help="local folder (default: out/demo)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="of the tiny model's fine-tune (default: 20)")
+    p.add_argument("--lr", type=float, help="its learning rate (default: 1e-3)")
 
 
 def _run_demo(args) -> None:
@@ -115,8 +118,27 @@ def _run_demo(args) -> None:
 
     config = _config(DemoConfig, args)
     _init_ray(args)
-    index = run_demo(config)
-    print(f"demo: done; open {index} in a browser to see and hear the clips")
+    result = run_demo(config)
+    print(f"demo: done; open {result['index']} in a browser to see and hear the clips")
+
+
+def _evaluate_parser(subparsers, common) -> None:
+    p = subparsers.add_parser("evaluate", parents=[common],
+                              help="Fréchet distance of generated clips against reference audio (Ray Data)")
+    p.add_argument("--clips", required=True, help="generate output, or a folder or URI of audio files")
+    p.add_argument("--reference", required=True,
+                   help="folder or URI of audio files, a generate output, or a spectrogram dataset from preprocess")
+    p.add_argument("--embedding",
+                   help="mel (built in, the default) or a TorchScript module (path or URI) mapping audio to vectors")
+    p.add_argument("--output", help="also write the result here as JSON (path or URI)")
+
+
+def _run_evaluate(args) -> None:
+    from audiodiff.evaluate import EvaluateConfig, run_evaluate, summary_line
+
+    config = _config(EvaluateConfig, args)
+    _init_ray(args)
+    print(summary_line(run_evaluate(config), config))
 
 
 def _config(config_class, args):
@@ -132,7 +154,8 @@ def _init_ray(args) -> None:
 
 
 STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),
-          "generate": (_generate_parser, _run_generate), "demo": (_demo_parser, _run_demo)}
+          "generate": (_generate_parser, _run_generate), "evaluate": (_evaluate_parser, _run_evaluate),
+          "demo": (_demo_parser, _run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -194,13 +194,13 @@ def read_spectrograms(uri: str, genres: list[str] = ()) -> ray.data.Dataset:
 
 def first_image_size(uri: str) -> tuple[int, int]:
     """(height, width) of a dataset's first image, read without starting Ray; checks the format."""
-    first = spectrogram_files(uri)[0]
+    fs, path = storage.resolve(spectrogram_files(uri)[0])
     try:
-        if first.endswith(".parquet"):
-            fs, path = storage.resolve(first)
+        if path.endswith(".parquet"):
             column = pq.ParquetFile(path, filesystem=fs).read_row_group(0, columns=["image"])["image"]
         else:
-            column = pa.ipc.open_stream(storage.read_bytes(first)).read_next_batch().column("image")
+            with fs.open_input_stream(path) as f:  # the first batch only, not the whole shard
+                column = pa.ipc.open_stream(f).read_next_batch().column("image")
         width, height = Image.open(io.BytesIO(column[0]["bytes"].as_py())).size
     except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
         raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None

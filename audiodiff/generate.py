@@ -139,6 +139,7 @@ def run_generate(config: GenerateConfig) -> dict:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by generate")
     plan = plan_clips(config, parts)
     _check_settings(config)
+    output = storage.absolute(config.output)
     done = finished_clips(config.output)
     todo = [row for row in plan if row["clip_id"] not in done]
     if todo:
@@ -147,10 +148,15 @@ def run_generate(config: GenerateConfig) -> dict:
             ClipGenerator, fn_constructor_args=(config,), batch_size=config.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_gpus=1 if config.gpu else 0, num_cpus=1,
-        ).write_datasink(ClipSink(config.output), ray_remote_args={"num_cpus": LIGHT_CPUS})
+        ).write_datasink(ClipSink(output), ray_remote_args={"num_cpus": LIGHT_CPUS})
     missing = [row["clip_id"] for row in plan if row["clip_id"] not in finished_clips(config.output)]
     if missing:
         raise AudiodiffError(f"{config.output}: {len(missing)} clips were not written ({', '.join(missing[:5])}...)")
     title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler}, {config.num_steps} steps)"
     index = write_manifest_and_gallery(config.output, plan, title)
     return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index}
+
+
+def summary_line(result: dict) -> str:
+    return (f"generate: {result['written']} clips written, {result['skipped']} already there, "
+            f"{result['planned']} in the manifest -> {result['index']}")

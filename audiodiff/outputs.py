@@ -75,22 +75,30 @@ def write_if_changed(uri: str, data: bytes) -> None:
 
 
 def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str:
-    """`manifest.parquet` and `index.html` for `rows` (MANIFEST_SCHEMA); returns the gallery's URI."""
+    """`manifest.parquet` and `index.html` (clips grouped by kind) for `rows` (MANIFEST_SCHEMA); returns the
+    gallery's URI."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
     write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
     index = storage.join(output, "index.html")
-    write_if_changed(index, gallery_html(rows, title).encode())
+    sections = {f"{kind} clips": [r for r in rows if r["kind"] == kind] for kind in dict.fromkeys(r["kind"] for r in rows)}
+    write_if_changed(index, gallery_html(title, sections).encode())
     return index
 
 
-def gallery_html(rows: list[dict], title: str) -> str:
-    figures = "\n".join(
-        f'<figure><figcaption>{html.escape(r["clip_id"])} · {r["kind"]} · {r["seconds"]:.2f} s · seed {r["seed"]}'
-        f'</figcaption><img src="{html.escape(r["png"])}" alt="spectrogram of {html.escape(r["clip_id"])}">'
-        f'<audio controls preload="none" src="{html.escape(r["wav"])}"></audio></figure>' for r in rows)
+def gallery_html(title: str, sections: dict[str, list[dict]]) -> str:
+    """A page of clips under headings; each row's `wav` and `png` are paths relative to the page."""
+    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n" + "\n".join(_figure(r) for r in rows)
+                     for heading, rows in sections.items())
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em;"
             "vertical-align:top}img{display:block;image-rendering:pixelated;height:256px;max-width:90vw}"
             "audio{display:block;width:100%}</style></head>\n"
-            f"<body><h1>{html.escape(title)}</h1>\n{figures}\n</body></html>\n")
+            f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def _figure(row: dict) -> str:
+    clip = html.escape(row["clip_id"])
+    return (f'<figure><figcaption>{clip} · {row["seconds"]:.2f} s · seed {row["seed"]}</figcaption>'
+            f'<img src="{html.escape(row["png"])}" alt="spectrogram of {clip}">'
+            f'<audio controls preload="none" src="{html.escape(row["wav"])}"></audio></figure>')

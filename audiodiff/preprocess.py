@@ -279,3 +279,9 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     )
     spectrograms.write_datasink(SpectrogramSink(config.output, started), ray_remote_args={"num_cpus": LIGHT_CPUS})
     return read_stats(config.output)
+
+
+def summary_line(stats: dict, output: str) -> str:
+    return (f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
+            f"{stats['tracks_rejected']} rejected; {stats['slices_written']} slices "
+            f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {output}")

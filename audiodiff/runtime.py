@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import ray
 
@@ -18,7 +20,13 @@ LIGHT_CPUS = 0.25
 
 def init_ray(address: str | None = None) -> None:
     """`ray job submit` sets RAY_ADDRESS, and the driver joins that cluster. Without an address, start a
-    private local Ray on loopback (never attach to some other Ray that happens to run on this machine)."""
+    private local Ray on loopback (never attach to some other Ray that happens to run on this machine).
+
+    Ray Data's progress goes to terminals only: written to a file (a job's log, a redirect), its progress
+    blocks and per-dataset plans drowned the stages' own lines (693 lines for the demo)."""
+    if not sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

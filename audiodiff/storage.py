@@ -61,6 +61,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """The same URI, a plain path made absolute: Ray workers do not run in the driver's directory."""
+    return uri if urlparse(uri).scheme and len(urlparse(uri).scheme) > 1 else os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     if is_remote(uri) or uri.startswith("file://"):
         return posixpath.join(uri.rstrip("/"), *parts)

@@ -1,42 +1,71 @@
 """Fine-tuning: DDPM noise-prediction training of the UNet with Ray Train (DDP; NCCL on GPUs, gloo on CPU).
 
-`train_loop_per_worker` is the notebook's loop with DDP, bf16 autocast, gradient accumulation and clipping,
-warm-up + cosine learning rate, EMA and checkpoints added in plain sight. A checkpoint holds the live UNet
-(`unet/`, safetensors), the EMA weights (`ema.safetensors`), optimizer and lr-schedule state dicts (`*.pt`,
-loaded with weights_only) and `state.json` (step, EMA counters, metrics so far). The exported model carries
-the EMA weights.
+`train_loop_per_worker` is the notebook's loop with DDP, bf16 autocast (CUDA), gradient accumulation and
+clipping, a warm-up + decay schedule, EMA, samples and checkpoints added in plain sight.
+
+Data. The images are decoded once, on Ray Data CPU workers, and stay uint8 until they reach the worker's
+device. A dataset that fits in the object store (a quarter of it) is materialised once for the whole run:
+each worker reads the blocks zero-copy and walks a permutation seeded by (seed, epoch), rank r taking its
+share of every step, like torch's DistributedSampler: the order is the same on any run with one seed, and a
+resumed run continues mid-epoch at the exact batch. A larger dataset streams through Ray Train's dataset
+shards, its block order randomised (seeded) and a local shuffle buffer seeded by (seed, epoch, rank); a
+resume skips the batches the epoch had already used. A small held-out part of the images (by a hash of
+(audio_file, slice)) is never trained on: the quality figure compares samples against it.
+
+Randomness. A micro-batch's noise and timesteps come from a generator seeded by (seed, rank, micro-batch
+index), so the random state of a run is its step count: a resumed run ends with the weights of an
+uninterrupted one.
+
+A checkpoint holds `unet/` (live weights), `ema/` (diffusers' EMAModel.save_pretrained), `optimizer.pt`
+and `lr_schedule.pt` (loaded with weights_only) and `state.json` (step, the run's configuration, metrics).
+The exported pipeline carries the EMA weights and the scheduler class the model came with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
 import tempfile
 import time
+import warnings
+import zlib
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from PIL import Image, ImageDraw
+from diffusers.utils import logging as diffusers_logging
+from ray.data.expressions import col
+from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
-from audiodiff import storage
-from audiodiff.errors import AudiodiffError
-from audiodiff.models import PipelineParts, load_model, save_model
+from audiodiff import evaluate, sampling, storage
 from audiodiff.dataset import decode_images, first_image_size, read_spectrograms
-from audiodiff.runtime import LIGHT_CPUS, require_gpus
+from audiodiff.errors import AudiodiffError
+from audiodiff.mel import MelCodec
+from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
+from audiodiff.outputs import clip_paths, encode_clip, write_clip, write_manifest_and_gallery
+from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, require_gpus
 
 RUN_NAME = "finetune"
+LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
+WARMUP_FRACTION = 0.1  # the default warm-up: at most this share of the run (and at most 500 steps)
+HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the quality figure
+OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
+# Fields that do not change what a run computes; every other field must match on --resume.
+RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
+                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "epochs"}
+# Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
+# texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
+SAMPLE_ETA = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -47,91 +76,209 @@ class TrainConfig:
     output: str
     num_workers: int = 1
     gpu: bool = False
+    cpus_per_worker: float | None = None  # default: 1 with --gpu; else the CPUs left once data is ready
     epochs: int = 3
     batch_size: int = 4  # per worker
     lr: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int | None = None  # default: min(500, WARMUP_FRACTION of the run)
     adam_beta1: float = 0.95  # teticio's defaults
     adam_beta2: float = 0.999
     weight_decay: float = 1e-6
-    warmup_steps: int = 500
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     ema_max_decay: float = 0.9999
     checkpoint_every: int = 500  # optimizer steps
     log_every: int = 10
+    sample_every: int = 500  # optimizer steps; samples and the quality figure also come at the end
+    num_samples: int = 8
+    sample_steps: int = 20  # DDIM steps of the samples
     seed: int = 0
     genres: list[str] = dataclasses.field(default_factory=list)
+    stream: bool = False  # stream the data even if it would fit in the object store
     resume: bool = False
+    stop_at_step: int | None = None  # end this run there (checkpointed); --resume continues it
     max_failures: int = 0
-    total_steps: int = 0  # set by run_finetune from the dataset size
 
     @property
     def checkpoints(self) -> str:
         return storage.join(self.output, "checkpoints")
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What the driver works out before training: sizes, steps and the data handed to the workers."""
+
+    rows: int
+    holdout_rows: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    cpus: float  # per worker
+    in_memory: bool
+    blocks: list | None  # refs of uint8 [n, height, width] when the data is held in the object store
+    holdout: object  # ref of uint8 [n, height, width]
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus))
+
+
 # data
 
 
-def _to_model_space(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": decode_images(batch)["image"][:, None].astype(np.float32) / 127.5 - 1.0}
+def _row_key(row: dict) -> str:
+    return f"{row['audio_file']}#{row['slice']}"
 
 
-def load_spectrograms(config: TrainConfig, image_size: tuple[int, int]) -> tuple[ray.data.Dataset, int]:
-    """The training images as a Ray dataset, and their number; checks size and emptiness up front."""
+def _holdout_keys(dataset: ray.data.Dataset) -> set[str]:
+    """The rows kept out of training: the smallest hashes of (audio_file, slice), a fixed share of the data."""
+    keys = [_row_key(row) for row in dataset.select_columns(["audio_file", "slice"]).take_all()]
+    count = min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION))
+    return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
+
+
+def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool) -> ray.data.Dataset:
+    """The decoded images of the rows whose key is (or is not) in `keys`."""
+    def flag(batch: pa.Table) -> pa.Table:
+        rows = ({"audio_file": a, "slice": s} for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist()))
+        return batch.append_column("held_out", pa.array([_row_key(row) in keys for row in rows], pa.bool_()))
+
+    flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    chosen = flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
+    return chosen.select_columns(["image"]).map_batches(decode_images, num_cpus=LIGHT_CPUS)
+
+
+def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[str, ray.data.Dataset]]:
+    """Splits off the held-out images, reads and decodes the training images once when they fit in the
+    object store (else sets them up to stream) and sizes the run. Returns the plan and Ray Train's datasets."""
     height, width = first_image_size(config.data)
-    if (height, width) != image_size:
+    if (height, width) != parts.image_size:
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
-                             f"{image_size[0]}x{image_size[1]} (height x width); preprocess with --model {config.model}")
-    # decoding runs beside the training workers: a light step's share of CPU (RAY_NOTES.md: leave CPU for Data)
+                             f"{parts.image_size[0]}x{parts.image_size[1]} (height x width); "
+                             f"preprocess with --model {config.model}")
     dataset = read_spectrograms(config.data, config.genres)
-    rows = dataset.count()
-    if rows == 0:
+    total_rows = dataset.count()
+    if total_rows == 0:
         raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
                              else f"{config.data}: the dataset is empty")
-    return dataset.select_columns(["image"]).map_batches(_to_model_space, num_cpus=LIGHT_CPUS), rows
+    dataset = dataset.select_columns(["image", "audio_file", "slice"])
+    keys = _holdout_keys(dataset)
+    holdout = ray.put(np.stack([row["image"] for row in _images(dataset, keys, True).take_all()]))
+    train = _images(dataset, keys, False)
+    fits = total_rows * height * width < OBJECT_STORE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+    in_memory = fits and not config.stream
+    datasets, blocks = {}, None
+    if in_memory:
+        train = train.materialize()
+        blocks = train.to_numpy_refs(column="image")
+    else:
+        datasets["train"] = train.randomize_block_order(seed=config.seed)
+    rows = total_rows - len(keys)
+    per_step = config.batch_size * config.num_workers * config.grad_accum
+    steps_per_epoch = rows // per_step
+    if steps_per_epoch == 0:
+        raise AudiodiffError(f"{config.data}: {rows} training images are fewer than one step needs "
+                             f"({config.batch_size} x {config.num_workers} workers x {config.grad_accum} accumulation)")
+    total = steps_per_epoch * config.epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else min(500, int(WARMUP_FRACTION * total))
+    # held in memory, the data needs no CPU while training runs: the workers take all of it
+    cpus = config.cpus_per_worker or (1 if config.gpu else
+                                      max(1, int(cluster_capacity("CPU") // config.num_workers)) if in_memory else 0.5)
+    plan = RunPlan(rows=rows, holdout_rows=len(keys), steps_per_epoch=steps_per_epoch, total_steps=total,
+                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout)
+    return plan, datasets
+
+
+class InMemoryImages:
+    """The training images held in the object store, read zero-copy by every worker of a node."""
+
+    def __init__(self, blocks: list):
+        self.blocks = ray.get(blocks)
+        self.where = np.concatenate([np.stack([np.full(len(b), i), np.arange(len(b))], axis=1)
+                                     for i, b in enumerate(self.blocks)])  # image index -> (block, row)
+
+    def batches(self, c: TrainConfig, plan: RunPlan, rank: int, world: int, epoch: int, first_step: int):
+        """Rank `rank`'s micro-batches of one epoch from step `first_step` on: uint8 [batch, height, width]."""
+        order = np.random.default_rng([c.seed, epoch]).permutation(len(self.where))
+        per_step = c.batch_size * world * c.grad_accum
+        for step in range(first_step, plan.steps_per_epoch):
+            chosen = order[step * per_step:(step + 1) * per_step].reshape(c.grad_accum, world, c.batch_size)[:, rank]
+            for micro in chosen:
+                yield np.stack([self.blocks[b][r] for b, r in self.where[micro]])
+
+
+def _streamed_batches(c: TrainConfig, plan: RunPlan, rank: int, epoch: int, first_step: int):
+    """Rank `rank`'s micro-batches of one epoch from its dataset shard, from step `first_step` on."""
+    shard = ray.train.get_dataset_shard("train")
+    seed = int(np.random.SeedSequence([c.seed, epoch, rank]).generate_state(1)[0])
+    batches = shard.iter_batches(batch_size=c.batch_size, drop_last=True, local_shuffle_buffer_size=16 * c.batch_size,
+                                 local_shuffle_seed=seed)
+    skip, end = first_step * c.grad_accum, plan.steps_per_epoch * c.grad_accum
+    for index, batch in enumerate(batches):
+        if index >= end:
+            break
+        if index >= skip:
+            yield batch["image"]
+
+
+def _micro_generator(seed: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    state = np.random.SeedSequence([seed, rank, micro]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state >> 1))
 
 
 # the loop
 
 
-def train_loop_per_worker(config: dict) -> None:
-    c = TrainConfig(**config)
+def train_loop_per_worker(loop_config: dict) -> None:
+    c = TrainConfig(**loop_config["config"])
+    plan: RunPlan = loop_config["plan"]
+    # Ray Train logs every report of every worker at INFO ("Reporting training result ..."); our line suffices
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    torch.set_num_threads(plan.threads)
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(c.seed + rank)
     parts = load_model(c.model)
     unet = parts.unet.to(device)
-    noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
-    ema = EMAModel(unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    noise_scheduler = make_scheduler("ddpm", parts)
+    ema = EMAModel(unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   foreach=True, model_cls=UNet2DModel, model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
                                   weight_decay=c.weight_decay)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.total_steps)
+    lr_schedule = get_scheduler(LR_SCHEDULES[c.lr_schedule], optimizer, num_warmup_steps=plan.warmup_steps,
+                                num_training_steps=plan.total_steps)
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            step, history = load_training_state(folder, unet, ema, optimizer, lr_schedule)
-    model = ray.train.torch.prepare_model(unet)
+            step, history, ema = load_training_state(folder, unet, optimizer, lr_schedule)
     ema.to(device)
-    shard = ray.train.get_dataset_shard("train")
+    model = ray.train.torch.prepare_model(unet)
+    samples = Sampler(c, parts, unet, ema, plan, device) if rank == 0 else None
+    memory = InMemoryImages(plan.blocks) if plan.in_memory else None
     bf16 = device.type == "cuda"
-    losses, images_seen, started, micro = [], 0, time.perf_counter(), 0
-    while step < c.total_steps:
-        for batch in shard.iter_torch_batches(batch_size=c.batch_size, device=device, drop_last=True):
-            images = batch["image"]
-            noise = torch.randn_like(images)
+    stop = min(plan.total_steps, c.stop_at_step or plan.total_steps)
+    loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+    while step < stop:
+        epoch, first = divmod(step, plan.steps_per_epoch)
+        batches = (memory.batches(c, plan, rank, world, epoch, first) if plan.in_memory
+                   else _streamed_batches(c, plan, rank, epoch, first))
+        for micro, batch in enumerate(batches):
+            images = sampling.to_model_space(torch.from_numpy(batch).to(device, non_blocking=True))
+            generator = _micro_generator(c.seed, rank, step * c.grad_accum + micro % c.grad_accum, device)
+            noise = torch.randn(images.shape, generator=generator, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
-                                      device=device)
+                                      generator=generator, device=device)
             noisy = noise_scheduler.add_noise(images, noise, timesteps)
-            micro += 1
-            accumulating = micro % c.grad_accum != 0
+            accumulating = (micro + 1) % c.grad_accum != 0
             sync = model.no_sync() if accumulating and world > 1 else contextlib.nullcontext()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.mse_loss(model(noisy, timesteps).sample.float(), noise)
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    prediction = model(noisy, timesteps).sample
+                loss = F.mse_loss(prediction.float(), noise)
                 (loss / c.grad_accum).backward()
-            losses.append(loss.item())
+            loss_sum += loss.detach()
             images_seen += images.shape[0]
             if accumulating:
                 continue
@@ -141,132 +288,238 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             ema.step(unet.parameters())
             step += 1
-            if step % c.log_every and step % c.checkpoint_every and step != c.total_steps:
+            logging_step = step % c.log_every == 0 or step == stop
+            sample_step = step % c.sample_every == 0 or step == stop
+            checkpoint_step = step % c.checkpoint_every == 0 or step == stop
+            if not (logging_step or sample_step or checkpoint_step):
                 continue
             elapsed = time.perf_counter() - started
-            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": lr_schedule.get_last_lr()[0],
-                       "images_per_second": images_seen * world / elapsed}
+            metrics = {"step": step, "loss": loss_sum.item() / (images_seen / c.batch_size),  # the host sync
+                       "lr": lr_schedule.get_last_lr()[0], "images_per_second": images_seen * world / elapsed}
+            if sample_step and samples:
+                metrics["frechet_distance"] = samples.write(step)
             history.append(metrics)
-            losses, images_seen, started = [], 0, time.perf_counter()
             if rank == 0:
                 # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
-                log.info(
-                    f"step {step}/{c.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                    f"{metrics['images_per_second']:.1f} images/s")
-            if step % c.checkpoint_every == 0 or step == c.total_steps:
-                with tempfile.TemporaryDirectory() as folder:
-                    if rank == 0:
-                        save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
-                                     if rank == 0 else None)
-            else:
-                ray.train.report(metrics)
-            if step >= c.total_steps:
+                log.info(f"step {step}/{plan.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                         f"{metrics['images_per_second']:.1f} images/s"
+                         + (f"  quality (Fréchet distance) {metrics['frechet_distance']:.2f}"
+                            if "frechet_distance" in metrics else ""))
+                samples.log_scalars(metrics)
+            with tempfile.TemporaryDirectory() as folder:
+                if checkpoint_step and rank == 0:
+                    save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
+                                 if checkpoint_step and rank == 0 else None)
+            loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+            if step >= stop:
                 break
+    if samples:
+        samples.close()
 
 
-def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history) -> None:
+class Sampler:
+    """Rank 0's view of progress: clips from the EMA weights (DDIM, fixed seeds) under
+    `OUTPUT/samples/step-<N>/` with a gallery, their quality figure against the held-out images, and
+    TensorBoard events under `OUTPUT/logs/` (scalars, spectrograms, audio)."""
+
+    def __init__(self, c: TrainConfig, parts: PipelineParts, unet, ema, plan: RunPlan, device: torch.device):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.c, self.unet, self.ema, self.mel = c, unet, ema, parts.mel
+        self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
+        self.codec = MelCodec(parts.mel, device=device)
+        self.reference = evaluate.embedding_statistics(evaluate.mel_embedding(ray.get(plan.holdout), parts.mel))
+        self.logs = tempfile.mkdtemp(prefix="audiodiff-logs-")
+        self.writer = SummaryWriter(self.logs)
+
+    def write(self, step: int) -> float:
+        c, mel = self.c, self.mel
+        seeds = list(range(c.num_samples))
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
+                                     mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA)
+        finally:
+            self.ema.restore(self.unet.parameters())
+        audio = self.codec.images_to_audio(images).cpu().numpy()
+        images = images.cpu().numpy()
+        folder = storage.join(c.output, "samples", f"step-{step}")
+        rows = []
+        for seed, image, clip in zip(seeds, images, audio):
+            clip_id = f"sample-{seed:02d}"
+            row = {"clip_id": clip_id, "seed": seed, "kind": "standard", "frames": mel.x_res,
+                   "seconds": mel.samples_for_width(mel.x_res) / mel.sample_rate, "scheduler": "ddim",
+                   "steps": c.sample_steps, "model": f"{c.output} (EMA, step {step})", **clip_paths(clip_id)}
+            write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, -1.0))
+            rows.append(row)
+        distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
+                                             *self.reference)
+        write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
+                                                 f"(DDIM {c.sample_steps}); Fréchet distance {distance:.2f}")
+        self.writer.add_images("samples/spectrograms", images[:, None], step, dataformats="NCHW")
+        for seed, clip in zip(seeds[:4], audio):
+            self.writer.add_audio(f"samples/{seed:02d}", clip[None], step, sample_rate=mel.sample_rate)
+        return distance
+
+    def log_scalars(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+        self.writer.flush()
+        storage.upload_dir(self.logs, storage.join(self.c.output, "logs"))
+
+    def close(self) -> None:
+        self.writer.close()
+        storage.upload_dir(self.logs, storage.join(self.c.output, "logs"))
+
+
+def result_settings(c: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(c).items() if k not in RESUMABLE_CHANGES}
+
+
+def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c: TrainConfig) -> None:
     unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
-    ema_state = ema.state_dict()
-    shadow = ema_state.pop("shadow_params")
-    safetensors.torch.save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)},
-                                os.path.join(folder, "ema.safetensors"))
+    ema.save_pretrained(os.path.join(folder, "ema"))
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     torch.save(lr_schedule.state_dict(), os.path.join(folder, "lr_schedule.pt"))
     with open(os.path.join(folder, "state.json"), "w") as f:
-        json.dump({"step": step, "ema": ema_state, "history": history}, f)
+        json.dump({"step": step, "config": result_settings(c), "history": history}, f)
 
 
-def load_training_state(folder, unet, ema, optimizer, lr_schedule) -> tuple[int, list]:
+def load_training_state(folder, unet, optimizer, lr_schedule) -> tuple[int, list, EMAModel]:
     unet.load_state_dict(UNet2DModel.from_pretrained(os.path.join(folder, "unet")).state_dict())
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
-    ema.load_state_dict({**state["ema"], "shadow_params": _ema_weights(folder)})
+    ema = load_ema(folder)
     optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
     lr_schedule.load_state_dict(torch.load(os.path.join(folder, "lr_schedule.pt"), weights_only=True))
-    return state["step"], state["history"]
+    return state["step"], state["history"], ema
 
 
-def _ema_weights(folder: str) -> list[torch.Tensor]:
-    tensors = safetensors.torch.load_file(os.path.join(folder, "ema.safetensors"))
-    return [tensors[str(i)] for i in range(len(tensors))]
+def load_ema(checkpoint_folder: str) -> EMAModel:
+    """diffusers' EMAModel keeps its counters in the saved model's config, and loading it back warns (twice)
+    that a UNet2DModel does not expect them: quiet, since nothing is wrong."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return EMAModel.from_pretrained(os.path.join(checkpoint_folder, "ema"), UNet2DModel, foreach=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 # driver
 
 
-def loss_curve_png(history: list[dict], size: tuple[int, int] = (640, 360)) -> bytes:
-    """A plain loss-by-step plot, drawn with PIL (no plotting library needed)."""
-    width, height, margin = *size, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    if history:
-        steps = [h["step"] for h in history]
-        losses = [h["loss"] for h in history]
-        low, high = min(losses), max(losses)
-        span_x, span_y = max(steps[-1] - steps[0], 1), max(high - low, 1e-12)
-        points = [(margin + (s - steps[0]) / span_x * (width - 1.5 * margin),
-                   height - margin - (v - low) / span_y * (height - 1.5 * margin)) for s, v in zip(steps, losses)]
-        draw.line(points, fill="navy", width=2) if len(points) > 1 else draw.point(points, fill="navy")
-        draw.text((margin, height - margin + 8), f"step {steps[0]} .. {steps[-1]}", fill="black")
-        draw.text((margin + 4, margin // 2 + 4), f"loss {high:.4f} (top) .. {low:.4f} (bottom)", fill="black")
+def loss_curve_png(history: list[dict]) -> bytes:
+    """The loss by step (and the quality figure where measured), drawn with matplotlib."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = [h for h in history if "frechet_distance" in h]
+    figure, axes = plt.subplots(1, 2 if quality else 1, figsize=(11 if quality else 6.4, 3.6), squeeze=False)
+    loss_axes = axes[0][0]
+    loss_axes.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", color="navy")
+    loss_axes.set(xlabel="optimizer step", ylabel="training loss (noise MSE)", title="loss")
+    loss_axes.grid(alpha=0.3)
+    if quality:
+        axes[0][1].plot([h["step"] for h in quality], [h["frechet_distance"] for h in quality], marker="o",
+                        color="darkred")
+        axes[0][1].set(xlabel="optimizer step", ylabel="Fréchet distance to held-out data",
+                       title="sample quality (lower is better)")
+        axes[0][1].grid(alpha=0.3)
+    figure.tight_layout()
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
     return buffer.getvalue()
 
 
 def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str) -> list[dict]:
-    """Write the EMA weights as a pipeline folder, with metrics.jsonl and loss.png beside the components."""
+    """Write the EMA weights as a pipeline folder (with the model's own scheduler class), with
+    metrics.jsonl and loss.png beside the components."""
     with checkpoint.as_directory() as folder:
-        unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"))
-        for parameter, averaged in zip(unet.parameters(), _ema_weights(folder)):
-            parameter.data.copy_(averaged)
+        load_ema(folder).copy_to(parts.unet.parameters())
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
-    save_model(PipelineParts(unet=unet, scheduler=DDPMScheduler.from_config(parts.scheduler.config),
-                             mel=parts.mel), output)
+    save_model(parts, output)
     storage.write_bytes(storage.join(output, "metrics.jsonl"),
                         "".join(json.dumps(h) + "\n" for h in history).encode())
     storage.write_bytes(storage.join(output, "loss.png"), loss_curve_png(history))
     return history
 
 
+def _check_resume(config: TrainConfig) -> None:
+    """A run's checkpoints are continued only with --resume, and only with the settings they were made with."""
+    run_folder = storage.join(config.checkpoints, RUN_NAME)
+    saved = sorted(f for f in storage.list_files(run_folder) if f.endswith("state.json")) \
+        if storage.exists(run_folder) else []
+    if saved and not config.resume:
+        raise AudiodiffError(f"{config.output}: a run's checkpoints are already there; pass --resume to continue "
+                             "it, or choose another --output")
+    if saved:
+        before = json.loads(storage.read_bytes(saved[-1]))["config"]
+        now = result_settings(config)
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            raise AudiodiffError(f"{config.output}: --resume with settings that change the result: "
+                                 + ", ".join(f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in changed)
+                                 + "; resume with the run's settings or choose another --output")
+
+
 def run_finetune(config: TrainConfig) -> dict:
     """Checks everything a user can get wrong, then trains on the current Ray and exports the model."""
-    if config.num_workers < 1 or config.batch_size < 1 or config.epochs < 1 or config.grad_accum < 1:
-        raise AudiodiffError("--num-workers, --batch-size, --epochs and --grad-accum must be at least 1")
+    if min(config.num_workers, config.batch_size, config.epochs, config.grad_accum, config.log_every,
+           config.sample_every, config.checkpoint_every, config.num_samples, config.sample_steps) < 1:
+        raise AudiodiffError("--num-workers, --batch-size, --epochs, --grad-accum, --log-every, --sample-every, "
+                             "--checkpoint-every, --num-samples and --sample-steps must be at least 1")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
+    config = dataclasses.replace(config, output=storage.absolute(config.output))
+    _check_resume(config)
     parts = load_model(config.model)
     if parts.vqvae is not None:
         raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by finetune")
-    dataset, rows = load_spectrograms(config, parts.image_size)
-    steps_per_epoch = rows // (config.batch_size * config.num_workers * config.grad_accum)
-    if steps_per_epoch == 0:
-        raise AudiodiffError(f"{config.data}: {rows} images are fewer than one step needs "
-                             f"({config.batch_size} x {config.num_workers} workers x {config.grad_accum} accumulation)")
-    config = dataclasses.replace(config, total_steps=steps_per_epoch * config.epochs)
-    run_folder = storage.join(config.checkpoints, RUN_NAME)
-    if storage.exists(run_folder) and not config.resume:
-        raise AudiodiffError(f"{config.output}: a run's checkpoints are already there; pass --resume to continue "
-                             "it, or choose another --output")
+    plan, datasets = plan_run(config, parts)
+    warmup_note = ""
+    if plan.warmup_steps > WARMUP_FRACTION * plan.total_steps:
+        warmup_note = f" (more than {WARMUP_FRACTION:.0%} of the run, as --warmup-steps asked)"
+    print(f"finetune: {plan.rows} training images ({plan.holdout_rows} held out for the quality figure, "
+          f"{'held in the object store' if plan.in_memory else 'streamed'}), {config.num_workers} worker(s) x "
+          f"{plan.threads} thread(s), {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps, "
+          f"warm-up {plan.warmup_steps} steps{warmup_note}, {config.lr_schedule} schedule", flush=True)
     fs, checkpoints = storage.resolve(config.checkpoints)
-    print(f"finetune: {rows} images, {config.num_workers} worker(s), {steps_per_epoch} steps per epoch, "
-          f"{config.total_steps} steps", flush=True)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(config),
+        train_loop_config={"config": dataclasses.asdict(config), "plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu,
-            resources_per_worker={"CPU": 1, "GPU": 1} if config.gpu else {"CPU": 0.5}),
+            resources_per_worker={"CPU": plan.cpus, **({"GPU": 1} if config.gpu else {})}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=checkpoints, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = trainer.fit()
     history = export(result.checkpoint, parts, config.output)
-    return {"steps": config.total_steps, "images": rows, "first_loss": history[0]["loss"],
-            "last_loss": history[-1]["loss"], "output": config.output}
+    quality = [h["frechet_distance"] for h in history if "frechet_distance" in h]
+    return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,
+            "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+            "frechet_distance": quality[-1] if quality else None, "output": config.output}
+
+
+def summary_line(result: dict) -> str:
+    stopped = "" if result["steps"] == result["total_steps"] else f" (stopped; --resume goes on to {result['total_steps']})"
+    return (f"finetune: {result['steps']} steps{stopped} on {result['images']} images, loss {result['first_loss']:.4f} -> "
+            f"{result['last_loss']:.4f}, quality (Fréchet distance to held-out data) {result['frechet_distance']:.2f} "
+            f"-> {result['output']}")

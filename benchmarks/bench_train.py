@@ -1,17 +1,22 @@
-"""Training throughput: the notebook's plain loop in one process against the Ray Train job with 1 worker, same
-tiny model, batch and device; and the full model's step time with bf16 autocast against fp32.
+"""Training throughput and data order: the notebook's plain loop in one process against the Ray Train job,
+same tiny model, batch and threads; 2 workers against 1 on the same cores; the job's two data paths (held in
+the object store and walked by a seeded permutation, or streamed with a randomised block order and a local
+shuffle buffer); and the full model's CPU step in fp32 against bf16 autocast.
 
     python benchmarks/bench_train.py [--steps 60] [--batch-size 8]
 
-plain loop: images decoded into memory once, then the notebook's step (random timesteps, add_noise, MSE,
-AdamW) without DDP, EMA or checkpoints. Ray Train job: `run_finetune` with 1 worker on a local Ray, images/s
-as it reports them, leaving out its first report (start-up).
+plain loop: images decoded into memory once, then the notebook's step (random batch, random timesteps,
+add_noise, MSE, AdamW) without DDP, EMA or checkpoints. Ray Train job: `run_finetune` on a local Ray,
+images/s as it reports them, leaving out its first report (start-up). Mixing: distinct tracks in a batch of
+the order each data path gives (preprocess writes a track's slices next to each other). The last line is
+one JSON object with the figures and ratios.
 """
 
 import argparse
 import io
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -28,7 +33,7 @@ from audiodiff import models
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
-from audiodiff.dataset import spectrogram_files
+from audiodiff.dataset import read_spectrograms, spectrogram_files
 from audiodiff.train import TrainConfig, run_finetune
 
 
@@ -77,12 +82,42 @@ def train_step_flops(preset: str) -> float:
     return counter.get_total_flops()
 
 
+def job_rate(data: str, work: str, name: str, steps: int, batch_size: int, rows: int, **overrides) -> float:
+    workers = overrides.get("num_workers", 1)
+    epochs = max(1, -(-steps * batch_size * workers // rows))
+    output = os.path.join(work, name)
+    run_finetune(TrainConfig(data=data, model="tiny", output=output, epochs=epochs, batch_size=batch_size,
+                             checkpoint_every=10_000, sample_every=10_000, log_every=10, num_samples=2,
+                             sample_steps=2, **overrides))
+    with open(os.path.join(output, "metrics.jsonl")) as f:
+        reports = [json.loads(line) for line in f][1:]
+    return float(np.mean([r["images_per_second"] for r in reports]))
+
+
+def mixing(data: str, batch_size: int) -> dict[str, float]:
+    """Mean distinct tracks per batch: a seeded permutation of all rows, against Ray Data's randomised block
+    order with a local shuffle buffer (what the job streams with), against no shuffling at all."""
+    tracks = [r["audio_file"] for r in read_spectrograms(data).select_columns(["audio_file"]).take_all()]
+
+    def distinct(order):
+        return float(np.mean([len({tracks[i] for i in order[s:s + batch_size]})
+                              for s in range(0, len(order) - batch_size + 1, batch_size)]))
+
+    streamed = [len(set(b["audio_file"])) for b in read_spectrograms(data).select_columns(["audio_file"])
+                .randomize_block_order(seed=0)
+                .iter_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=16 * batch_size,
+                              local_shuffle_seed=0)]
+    return {"permutation": distinct(np.random.default_rng(0).permutation(len(tracks))),
+            "block_order_and_buffer": float(np.mean(streamed)), "unshuffled": distinct(np.arange(len(tracks)))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-train-")
+    cpu = platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
     try:
         init_ray()
         write_examples(os.path.join(work, "audio"), tracks_per_genre=4, seconds=12.0)
@@ -92,25 +127,43 @@ def main():
         images = torch.from_numpy(np.stack([
             np.asarray(Image.open(io.BytesIO(row["bytes"]))) for row in table["image"].to_pylist()
         ]).astype(np.float32)[:, None] / 127.5 - 1)
-        epochs = max(1, -(-args.steps * args.batch_size // len(images)))
-        result = run_finetune(TrainConfig(data=data, model="tiny", output=os.path.join(work, "model"),
-                                          epochs=epochs, batch_size=args.batch_size, warmup_steps=10,
-                                          checkpoint_every=10_000, log_every=10))
+        rows = len(images) - round(0.1 * len(images))  # the job holds a tenth out for its quality figure
+        b = args.batch_size
+        figures = {"cpu": cpu, "cores": os.cpu_count(), "batch_size": b, "images": len(images)}
+        figures["mixing_tracks_per_batch"] = mixing(data, b)
+        figures["job_1_worker"] = job_rate(data, work, "one", args.steps, b, rows)
+        figures["job_1_worker_streamed"] = job_rate(data, work, "streamed", args.steps, b, rows, stream=True)
+        figures["job_2_workers"] = job_rate(data, work, "two", args.steps, b // 2, rows, num_workers=2)
         ray.shutdown()
-        with open(os.path.join(work, "model", "metrics.jsonl")) as f:
-            reports = [json.loads(line) for line in f][1:]
-        job = float(np.mean([r["images_per_second"] for r in reports]))
-        print(f"tiny model, batch {args.batch_size}, CPU ({os.cpu_count()} cores), {result['steps']} steps")
         for threads in (1, 2):
-            plain = plain_loop(images, "tiny", args.batch_size, args.steps, threads)
-            print(f"plain loop, {threads} thread{'s' if threads > 1 else ' '}: {plain:7.1f} images/s")
-        print(f"Ray Train job, 1 worker (0.5 CPU): {job:7.1f} images/s  ({job / plain:.2f}x the 2-thread loop)")
+            figures[f"plain_loop_{threads}_threads"] = plain_loop(images, "tiny", b, args.steps, threads)
         torch.set_num_threads(os.cpu_count())
+        tiny_fp32, tiny_bf16 = step_time("tiny", b, False), step_time("tiny", b, True)
         fp32, bf16 = step_time("full", 1, False), step_time("full", 1, True)
-        print(f"full model, batch 1, CPU step: fp32 {fp32:.2f} s, bf16 autocast {bf16:.2f} s ({fp32 / bf16:.2f}x)")
         flops = train_step_flops("full")
-        print(f"full model training step: {flops / 1e9:.1f} GFLOP per image (counted); "
-              f"{flops / fp32 / 1e9:.0f} GFLOP/s reached here in fp32")
+        figures.update({
+            "job_over_plain_loop": figures["job_1_worker"] / figures[f"plain_loop_{os.cpu_count()}_threads"],
+            "streamed_over_in_memory": figures["job_1_worker_streamed"] / figures["job_1_worker"],
+            "two_workers_over_one": figures["job_2_workers"] / figures["job_1_worker"],
+            "tiny_step_s": {"fp32": tiny_fp32, "bf16_autocast": tiny_bf16},
+            "full_step_s": {"fp32": fp32, "bf16_autocast": bf16}, "full_gflop_per_image": flops / 1e9,
+        })
+        print(f"CPU: {cpu} ({os.cpu_count()} cores); tiny model, batch {b} per step")
+        print(f"mixing, distinct tracks per batch of {b}: permutation {figures['mixing_tracks_per_batch']['permutation']:.2f}, "
+              f"block order + buffer {figures['mixing_tracks_per_batch']['block_order_and_buffer']:.2f}, "
+              f"unshuffled {figures['mixing_tracks_per_batch']['unshuffled']:.2f}")
+        for threads in (1, 2):
+            print(f"plain loop, {threads} thread(s):           {figures[f'plain_loop_{threads}_threads']:7.1f} images/s")
+        print(f"Ray Train job, 1 worker, data in memory: {figures['job_1_worker']:7.1f} images/s "
+              f"({figures['job_over_plain_loop']:.2f}x the {os.cpu_count()}-thread loop)")
+        print(f"Ray Train job, 1 worker, streamed:       {figures['job_1_worker_streamed']:7.1f} images/s "
+              f"({figures['streamed_over_in_memory']:.2f}x in memory)")
+        print(f"Ray Train job, 2 workers x batch {b // 2}:     {figures['job_2_workers']:7.1f} images/s "
+              f"({figures['two_workers_over_one']:.2f}x 1 worker)")
+        print(f"tiny model CPU step, batch {b}: fp32 {tiny_fp32 * 1e3:.0f} ms, bf16 autocast {tiny_bf16 * 1e3:.0f} ms")
+        print(f"full model CPU step, batch 1: fp32 {fp32:.2f} s, bf16 autocast {bf16:.2f} s ({fp32 / bf16:.2f}x); "
+              f"{flops / 1e9:.1f} GFLOP per image, {flops / fp32 / 1e9:.0f} GFLOP/s in fp32")
+        print(json.dumps(figures))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

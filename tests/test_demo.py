@@ -1,4 +1,5 @@
 import io
+import re
 
 import pyarrow.parquet as pq
 
@@ -7,11 +8,18 @@ from audiodiff.cli import main
 
 def test_demo_runs_all_three_stages_and_replaces_only_its_own_output(local_ray, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--epochs", "1"]) == 0
-    assert f"open {out / 'generated' / 'index.html'}" in capsys.readouterr().out
+    assert main(["demo", "--output", str(out), "--epochs", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert f"open {out / 'index.html'}" in printed
     assert (out / "spectrograms" / "stats.json").exists() and (out / "model" / "model_index.json").exists()
+    # fine-tuning brings the clips closer to the training audio than the untrained model's, by the quality figure
+    scores = re.search(r"untrained ([\d.]+), fine-tuned ([\d.]+)", printed)
+    assert scores and float(scores[2]) < 0.5 * float(scores[1]), printed
+    page = (out / "index.html").read_text()
+    assert f"untrained model: Fréchet distance {scores[1]}" in page and f"fine-tuned model: Fréchet distance {scores[2]}" in page
+    assert 'src="generated-untrained/clips/standard-00000.wav"' in page and 'src="generated/clips/extended-00000.png"' in page
     rows = pq.read_table(io.BytesIO((out / "generated" / "manifest.parquet").read_bytes())).to_pylist()
-    assert sorted(r["kind"] for r in rows) == ["extended"] + ["standard"] * 4
+    assert sorted(r["kind"] for r in rows) == ["extended"] + ["standard"] * 8
     assert {r["frames"] for r in rows} == {64, 256}
     assert all((out / "generated" / r["wav"]).exists() for r in rows)
     (tmp_path / "mine").mkdir()

@@ -4,8 +4,8 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from diffusers import AudioDiffusionPipeline, DiffusionPipeline, UNet2DModel
 
@@ -13,7 +13,7 @@ from audiodiff import models
 from audiodiff.cli import main
 from audiodiff.synth import write_examples
 
-TRAIN = ["--num-workers", "2", "--warmup-steps", "2", "--log-every", "2"]
+TRAIN = ["--num-workers", "2", "--warmup-steps", "2", "--log-every", "2", "--num-samples", "4", "--sample-steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def spectrograms(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     write_examples(str(root / "audio"), tracks_per_genre=3, seconds=6.0)
     assert main(["preprocess", str(root / "audio"), "--model", "tiny", "--output", str(root / "spec"),
-                 "--genre-from-folder"]) == 0  # 36 slices of 64x64
+                 "--genre-from-folder"]) == 0  # 36 slices of 64x64: 32 to train on, 4 held out
     return str(root / "spec")
 
 
@@ -53,17 +53,26 @@ def test_two_workers_learn_checkpoint_and_export_a_diffusers_pipeline(spectrogra
     assert all(h["images_per_second"] > 0 and "lr" in h for h in steps)
     assert checkpoint_steps(out) == [8, 12]  # every 4 steps, the newest two kept
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # samples and the quality figure at the end (--sample-every defaults past this short run)
+    assert [h["step"] for h in steps if "frechet_distance" in h] == [12] and steps[-1]["frechet_distance"] > 0
+    samples = out / "samples" / "step-12"
+    assert sorted(p.name for p in (samples / "clips").iterdir()) == sorted(
+        f"sample-{i:02d}.{ext}" for i in range(4) for ext in ("wav", "png"))
+    assert "Fréchet distance" in (samples / "index.html").read_text()
+    events = list((out / "logs").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
     pipe = DiffusionPipeline.from_pretrained(str(out))
     assert isinstance(pipe, AudioDiffusionPipeline)
     audio = pipe(steps=2, generator=torch.Generator().manual_seed(0)).audios
     assert audio.shape == (1, 1, 63 * 512)
     # the exported weights are the EMA of the last checkpoint, and the live weights there differ from them
     newest = checkpoints(out)[-1]
-    ema = safetensors.torch.load_file(newest / "ema.safetensors")
+    ema = list(UNet2DModel.from_pretrained(str(newest / "ema")).parameters())
     exported = list(pipe.unet.parameters())
     live = list(UNet2DModel.from_pretrained(str(newest / "unet")).parameters())
-    assert all(torch.equal(exported[i], ema[str(i)]) for i in range(len(exported)))
+    assert all(torch.equal(a, b) for a, b in zip(exported, ema))
     assert any(not torch.equal(a, b) for a, b in zip(exported, live))
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
 
 
 def test_resume_continues_the_step_count_and_optimizer_state(spectrograms, tmp_path):
@@ -127,6 +136,70 @@ def test_checkpoints_and_export_to_object_storage(spectrograms, s3_bucket):
     assert finetune(spectrograms, f"{s3_bucket}/model", "--epochs", 1, "--checkpoint-every", 2) == 0
     files = storage.list_files(f"{s3_bucket}/model")
     assert f"{s3_bucket}/model/model_index.json" in files and f"{s3_bucket}/model/metrics.jsonl" in files
-    saved = [f for f in files if "/checkpoints/finetune/checkpoint_" in f and f.endswith("/ema.safetensors")]
+    saved = [f for f in files if "/checkpoints/finetune/checkpoint_" in f and f.endswith("/ema/config.json")]
     assert len(saved) == 2  # steps 2 and 4
+    assert f"{s3_bucket}/model/samples/step-4/index.html" in files and f"{s3_bucket}/model/loss.png" in files
+    assert any(f.startswith(f"{s3_bucket}/model/logs/events.out.tfevents.") for f in files)
     assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
+
+
+def test_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(spectrograms, tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert finetune(spectrograms, whole, "--epochs", 2) == 0  # 4 steps per epoch
+    assert finetune(spectrograms, parts, "--epochs", 2, "--stop-at-step", 5) == 0  # mid-epoch 2
+    assert checkpoint_steps(parts)[-1] == 5
+    capsys.readouterr()
+    assert finetune(spectrograms, parts, "--epochs", 2, "--resume", "--lr", "2e-4", "--seed", "3") == 1
+    assert ("--resume with settings that change the result: lr was 0.0001, now 0.0002, seed was 0, now 3"
+            in capsys.readouterr().err)
+    assert finetune(spectrograms, parts, "--epochs", 2, "--resume") == 0
+    assert [h["step"] for h in history(parts)] == [2, 4, 5, 6, 8]  # the stop at 5 is logged
+    assert [h["step"] for h in history(whole)] == [2, 4, 6, 8]
+    for name in ("model", "unet"):  # the exported EMA weights and the live ones of the last checkpoint
+        folder = (lambda o: o / "unet") if name == "model" else (lambda o: checkpoints(o)[-1] / "unet")
+        a = UNet2DModel.from_pretrained(str(folder(whole))).state_dict()
+        b = UNet2DModel.from_pretrained(str(folder(parts))).state_dict()
+        # the same data, noise and timesteps, in the same order: the same float operations, so equal up to
+        # rounding that could differ between two processes (none expected on one machine)
+        assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a), name
+
+
+def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
+    import ray
+
+    from audiodiff.train import InMemoryImages, RunPlan, TrainConfig
+
+    # 8 tracks of 12 consecutive slices each, as preprocess writes them; each image holds its track's number
+    tracks = np.repeat(np.arange(8, dtype=np.uint8), 12)[:, None, None] * np.ones((1, 2, 2), np.uint8)
+    images = InMemoryImages([ray.put(tracks[:48]), ray.put(tracks[48:])])
+    plan = RunPlan(rows=96, holdout_rows=0, steps_per_epoch=12, total_steps=24, warmup_steps=0, cpus=1,
+                   in_memory=True, blocks=None, holdout=None)
+
+    def order(seed, epoch, rank=0, world=1, first=0):
+        config = TrainConfig(data="", model="tiny", output="", batch_size=8 // world, seed=seed)
+        return [b[:, 0, 0].tolist() for b in images.batches(config, plan, rank, world, epoch, first)]
+
+    first = order(seed=0, epoch=0)
+    assert all(len(set(batch)) >= 4 for batch in first)  # 8 slices from at least 4 of the 8 tracks
+    assert sorted(sum(first, [])) == sorted(tracks[:, 0, 0].tolist())  # every image once an epoch
+    assert order(seed=0, epoch=0) == first and order(seed=1, epoch=0) != first and order(seed=0, epoch=1) != first
+    assert order(seed=0, epoch=0, first=5) == first[5:]  # a resumed epoch continues at its step
+    ranks = [order(seed=0, epoch=0, rank=r, world=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == first  # two workers split every step of the one-worker order
+
+
+def test_reads_teticios_saved_datasets_locally_and_from_object_storage(spectrograms, tmp_path, s3_bucket):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from audiodiff import storage
+    from audiodiff.dataset import spectrogram_files
+
+    # what teticio's scripts/audio_to_images.py writes: a DatasetDict with image, audio_file, slice
+    rows = pq.read_table(spectrogram_files(spectrograms), columns=["image", "audio_file", "slice"]).to_pylist()
+    saved = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "teticio"))
+    storage.upload_dir(str(tmp_path / "teticio"), f"{s3_bucket}/teticio")
+    for name, data in (("local", str(tmp_path / "teticio")), ("s3", f"{s3_bucket}/teticio")):
+        assert finetune(data, tmp_path / name, "--epochs", 1) == 0, name
+        assert [h["step"] for h in history(tmp_path / name)] == [2, 4], name  # 32 of 36 images, 8 a step
