@@ -129,7 +129,8 @@ def test_preprocess_finetune_and_generate_jobs_on_object_storage(head, s3_bucket
     logs = succeeded(head, "finetune", "--data", f"{s3_bucket}/spectrograms", "--model", "tiny",
                      "--output", f"{s3_bucket}/model", "--num-workers", 2, "--epochs", 2, "--warmup-steps", 2,
                      "--log-every", 2)
-    assert "finetune: 24 images, 2 worker(s)" in logs and "step 2/" in logs  # progress from the workers
+    assert "finetune: 22 training images (2 held out for the quality figure" in logs and "2 worker(s)" in logs
+    assert "step 2/" in logs and "quality (Fréchet distance)" in logs  # progress from the workers
     assert storage.exists(f"{s3_bucket}/model/model_index.json")
 
     logs = succeeded(head, "generate", "--model", f"{s3_bucket}/model", "--output", f"{s3_bucket}/clips",
