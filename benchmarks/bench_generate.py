@@ -8,6 +8,7 @@ the model is untrained (the figures do not depend on the weights). Also where on
 """
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -81,6 +82,8 @@ def main():
         os.makedirs(os.path.join(work, "notebook"))
         reference = notebook(folder, args.clips, args.steps, os.path.join(work, "notebook"))
         print(f"notebook (pipe() per clip, {torch.get_num_threads()} threads): {reference:7.2f} clips/s")
+        figures = {"model": args.model, "clips": args.clips, "steps": args.steps, "batch_size": args.batch_size,
+                    "cpus": os.cpu_count(), "notebook_clips_per_s": reference}
         init_ray()
         for actors in (1, 2):
             config = GenerateConfig(model=folder, output=os.path.join(work, f"out-{actors}"), num_clips=args.clips,
@@ -89,6 +92,8 @@ def main():
             start = time.perf_counter()
             run_generate(config)
             rate = args.clips / (time.perf_counter() - start)
+            figures[f"audiodiff_{actors}_actors_clips_per_s"] = rate
+            figures[f"audiodiff_{actors}_actors_over_notebook"] = rate / reference
             print(f"audiodiff, {actors} actor{'s' if actors > 1 else ' '}, batch {args.batch_size}:       "
                   f"{rate:7.2f} clips/s  ({rate / reference:.1f}x the notebook; includes actor start-up)")
         ray.shutdown()
@@ -105,6 +110,8 @@ def main():
         print(f"UNet forward per clip and step (counted): {standard / 1e9:.1f} GFLOP standard, {extended / 1e9:.1f} "
               f"GFLOP extended (4x wide); {standard * args.steps / parts['denoising'] / 1e9:.0f} GFLOP/s reached "
               "here denoising")
+        figures.update({f"per_clip_ms_{k}": v * 1000 for k, v in parts.items()}, gflop_per_clip_step=standard / 1e9)
+        print(json.dumps(figures))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
