@@ -7,7 +7,7 @@ data/part-*.parquet      image {bytes: PNG grayscale, path}, audio_file, slice (
 rejects.parquet          source, reason
 stats.json               counts; written last: without it the dataset is incomplete and readers refuse it
 ```
-The reader also takes teticio's spectrogram datasets: parquet files anywhere under the URI (the hub's layout),
+The reader also takes teticio's spectrogram datasets: parquet files anywhere under the URI (as the hub keeps them),
 or a `datasets.save_to_disk` folder (`dataset_dict.json` + a split folder of Arrow stream files, or one split's
 `state.json`), locally, on object storage or on the hub (`hf://datasets/...`).
 """
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.data import FileShuffleConfig
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.expressions import col
 
@@ -167,7 +168,8 @@ def spectrogram_files(uri: str) -> list[str]:
         return saved_dataset_files(uri)
     parts = storage.join(uri, DATA_DIR)
     if storage.exists(parts):
-        if not storage.exists(storage.join(uri, STATS)):
+        # ours has mel_config.json, written first; the hub's parquet layout has data/ too, and no stats
+        if storage.exists(storage.join(uri, MEL_CONFIG)) and not storage.exists(storage.join(uri, STATS)):
             raise AudiodiffError(f"{uri}: incomplete spectrogram dataset (no {STATS}: preprocess did not finish); "
                                  "run preprocess again with --overwrite")
         root = parts
@@ -179,16 +181,20 @@ def spectrogram_files(uri: str) -> list[str]:
     return files
 
 
-def read_spectrograms(uri: str, genres: list[str] = ()) -> ray.data.Dataset:
-    """A dataset's rows (`image`, and `audio_file`/`genre` where present) as a Ray dataset, optionally
-    of some genres only."""
+def read_spectrograms(uri: str, genres: list[str] = (), shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """A dataset's rows (`image`, and `audio_file`/`slice`/`genre` where present) as a Ray dataset, optionally
+    of some genres only, optionally with its files in an order seeded by `shuffle_seed` and the execution
+    (each epoch of a streamed fine-tune another order)."""
     files = spectrogram_files(uri)
     fs = storage.resolve(files[0])[0]
     paths = [storage.resolve(f)[1] for f in files]
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     if files[0].endswith(".parquet"):
-        dataset = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
+        dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=LIGHT_CPUS)
     else:
-        dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs), num_cpus=LIGHT_CPUS)
+        dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs, shuffle=shuffle), num_cpus=LIGHT_CPUS)
+    if genres and "genre" not in dataset.schema().names:
+        raise AudiodiffError(f"{uri}: has no genre column, so --genre cannot choose; leave it out to use every image")
     return filter_genres(dataset, genres)
 
 

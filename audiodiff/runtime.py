@@ -46,6 +46,17 @@ def cluster_capacity(resource: str) -> float:
     return max(ray.cluster_resources().get(resource, 0), limits.get(resource, 0))
 
 
+def largest_node(resource: str) -> float:
+    """The most of a resource one live node has: what a single worker can be given."""
+    return max((n["Resources"].get(resource, 0) for n in ray.nodes() if n["Alive"]), default=0)
+
+
+def smallest_object_store() -> float:
+    """Bytes of the smallest object store of a live node: data held for every worker must fit on each node."""
+    return min((n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n["Alive"]
+                and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0), default=0)
+
+
 def require_gpus(needed: int, asked_by: str) -> None:
     """Stops a job that asks for more GPUs than the cluster has or can scale to, before any work starts."""
     have = cluster_capacity("GPU")

@@ -4,13 +4,13 @@
 clipping, a warm-up + decay schedule, EMA, samples and checkpoints added in plain sight.
 
 Data. The images are decoded once, on Ray Data CPU workers, and stay uint8 until they reach the worker's
-device. A dataset that fits in the object store (a quarter of it) is materialised once for the whole run:
-each worker reads the blocks zero-copy and walks a permutation seeded by (seed, epoch), rank r taking its
-share of every step, like torch's DistributedSampler: the order is the same on any run with one seed, and a
-resumed run continues mid-epoch at the exact batch. A larger dataset streams through Ray Train's dataset
-shards, its block order randomised (seeded) and a local shuffle buffer seeded by (seed, epoch, rank); a
-resume skips the batches the epoch had already used. A small held-out part of the images (by a hash of
-(audio_file, slice)) is never trained on: the quality figure compares samples against it.
+device. A dataset that fits in a quarter of each node's object store is materialised once for the whole run,
+its blocks in file order: each worker reads them zero-copy and walks a permutation seeded by (seed, epoch),
+rank r taking its share of every step, like torch's DistributedSampler: the order is the same on any run with
+one seed, and a resumed run continues mid-epoch at the exact batch. A larger dataset streams through Ray
+Train's dataset shards, its files in an order seeded per epoch and a local shuffle buffer seeded by (seed,
+epoch, rank); a resume skips as many batches as the epoch had used. A small held-out part of the images (by a
+hash of (audio_file, slice)) is never trained on: the quality figure compares samples against it.
 
 Randomness. A micro-batch's noise and timesteps come from a generator seeded by (seed, rank, micro-batch
 index), so the random state of a run is its step count: a resumed run ends with the weights of an
@@ -53,7 +53,7 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import clip_paths, encode_clip, write_clip, write_manifest_and_gallery
-from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, require_gpus
+from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, largest_node, require_gpus, smallest_object_store
 
 RUN_NAME = "finetune"
 LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
@@ -62,7 +62,7 @@ HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the 
 OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
-                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "epochs"}
+                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker"}
 # Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
@@ -134,7 +134,7 @@ def _row_key(row: dict) -> str:
 def _holdout_keys(dataset: ray.data.Dataset) -> set[str]:
     """The rows kept out of training: the smallest hashes of (audio_file, slice), a fixed share of the data."""
     keys = [_row_key(row) for row in dataset.select_columns(["audio_file", "slice"]).take_all()]
-    count = min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION))
+    count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
 
@@ -157,24 +157,31 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{parts.image_size[0]}x{parts.image_size[1]} (height x width); "
                              f"preprocess with --model {config.model}")
-    dataset = read_spectrograms(config.data, config.genres)
-    total_rows = dataset.count()
-    if total_rows == 0:
-        raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
-                             else f"{config.data}: the dataset is empty")
-    dataset = dataset.select_columns(["image", "audio_file", "slice"])
-    keys = _holdout_keys(dataset)
-    holdout = ray.put(np.stack([row["image"] for row in _images(dataset, keys, True).take_all()]))
-    train = _images(dataset, keys, False)
-    fits = total_rows * height * width < OBJECT_STORE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
-    in_memory = fits and not config.stream
-    datasets, blocks = {}, None
-    if in_memory:
-        train = train.materialize()
-        blocks = train.to_numpy_refs(column="image")
-    else:
-        datasets["train"] = train.randomize_block_order(seed=config.seed)
-    rows = total_rows - len(keys)
+    with _ordered():  # blocks in file order, so a seeded permutation picks the same images on every run
+        dataset = read_spectrograms(config.data, config.genres, shuffle_seed=None if not config.stream else config.seed)
+        if not {"audio_file", "slice"} <= set(dataset.schema().names):
+            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: "
+                                 f"{', '.join(dataset.schema().names)}); preprocess the audio with audiodiff")
+        total_rows = dataset.count()
+        if total_rows == 0:
+            raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
+                                 else f"{config.data}: the dataset is empty")
+        if total_rows == 1:
+            raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
+        dataset = dataset.select_columns(["image", "audio_file", "slice"])
+        keys = _holdout_keys(dataset)
+        held = np.stack([row["image"] for row in _images(dataset, keys, True).take_all()])
+        train = _images(dataset, keys, False)
+        fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
+        in_memory = fits and not config.stream
+        datasets, blocks = {}, None
+        if in_memory:
+            train = train.materialize()
+            blocks = train.to_numpy_refs(column="image")
+        else:
+            datasets["train"] = train
+    holdout = ray.put(held)
+    rows = total_rows - len(held)
     per_step = config.batch_size * config.num_workers * config.grad_accum
     steps_per_epoch = rows // per_step
     if steps_per_epoch == 0:
@@ -184,8 +191,9 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
     warmup = config.warmup_steps if config.warmup_steps is not None else min(500, int(WARMUP_FRACTION * total))
     # held in memory, the data needs no CPU while training runs: the workers take all of it
     cpus = config.cpus_per_worker or (1 if config.gpu else
-                                      max(1, int(cluster_capacity("CPU") // config.num_workers)) if in_memory else 0.5)
-    plan = RunPlan(rows=rows, holdout_rows=len(keys), steps_per_epoch=steps_per_epoch, total_steps=total,
+                                      max(1, int(min(largest_node("CPU"), cluster_capacity("CPU") / config.num_workers)))
+                                      if in_memory else 0.5)
+    plan = RunPlan(rows=rows, holdout_rows=len(held), steps_per_epoch=steps_per_epoch, total_steps=total,
                    warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout)
     return plan, datasets
 
@@ -208,18 +216,34 @@ class InMemoryImages:
                 yield np.stack([self.blocks[b][r] for b, r in self.where[micro]])
 
 
+@contextlib.contextmanager
+def _ordered():
+    """Ray Data keeps blocks in file order for datasets made (and materialised) inside."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def _streamed_batches(c: TrainConfig, plan: RunPlan, rank: int, epoch: int, first_step: int):
-    """Rank `rank`'s micro-batches of one epoch from its dataset shard, from step `first_step` on."""
+    """Rank `rank`'s micro-batches of one epoch from its dataset shard, from step `first_step` on. The files
+    come in an order seeded per epoch and a local buffer shuffles rows; which rows reach which worker depends on
+    Ray Data's split, so a resumed epoch skips as many batches as were used, not the very same rows."""
     shard = ray.train.get_dataset_shard("train")
     seed = int(np.random.SeedSequence([c.seed, epoch, rank]).generate_state(1)[0])
     batches = shard.iter_batches(batch_size=c.batch_size, drop_last=True, local_shuffle_buffer_size=16 * c.batch_size,
                                  local_shuffle_seed=seed)
     skip, end = first_step * c.grad_accum, plan.steps_per_epoch * c.grad_accum
+    index = -1
     for index, batch in enumerate(batches):
         if index >= end:
-            break
+            return
         if index >= skip:
             yield batch["image"]
+    if index + 1 < end:  # every rank must make the same number of steps (each report is a barrier)
+        raise RuntimeError(f"rank {rank}'s shard ran out after {index + 1} of {end} batches in epoch {epoch}")
 
 
 def _micro_generator(seed: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
@@ -240,7 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     parts = load_model(c.model)
-    unet = parts.unet.to(device)
+    unet = parts.unet.to(device).train()
     noise_scheduler = make_scheduler("ddpm", parts)
     ema = EMAModel(unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
@@ -359,16 +383,19 @@ class Sampler:
         write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
                                                  f"(DDIM {c.sample_steps}); Fréchet distance {distance:.2f}")
         self.writer.add_images("samples/spectrograms", images[:, None], step, dataformats="NCHW")
-        for seed, clip in zip(seeds[:4], audio):
-            self.writer.add_audio(f"samples/{seed:02d}", clip[None], step, sample_rate=mel.sample_rate)
+        for seed, clip in zip(seeds[:4], audio):  # Griffin-Lim's output can pass 1.0: peak-normalise
+            self.writer.add_audio(f"samples/{seed:02d}", clip[None] / max(1e-9, float(abs(clip).max())), step,
+                                  sample_rate=mel.sample_rate)
         return distance
 
     def log_scalars(self, metrics: dict) -> None:
+        """Scalars at every log step; the event files reach the output at sample steps and at the end."""
         for key, value in metrics.items():
             if key != "step":
                 self.writer.add_scalar(f"train/{key}", value, metrics["step"])
-        self.writer.flush()
-        storage.upload_dir(self.logs, storage.join(self.c.output, "logs"))
+        if "frechet_distance" in metrics:
+            self.writer.flush()
+            storage.upload_dir(self.logs, storage.join(self.c.output, "logs"))
 
     def close(self) -> None:
         self.writer.close()
@@ -465,7 +492,10 @@ def _check_resume(config: TrainConfig) -> None:
         raise AudiodiffError(f"{config.output}: a run's checkpoints are already there; pass --resume to continue "
                              "it, or choose another --output")
     if saved:
-        before = json.loads(storage.read_bytes(saved[-1]))["config"]
+        before = json.loads(storage.read_bytes(saved[-1])).get("config")
+        if before is None:
+            raise AudiodiffError(f"{config.output}: its checkpoints were made by an older audiodiff that did not "
+                                 "record the run's settings; choose another --output")
         now = result_settings(config)
         changed = sorted(k for k in now if before.get(k) != now[k])
         if changed:
@@ -480,11 +510,15 @@ def run_finetune(config: TrainConfig) -> dict:
            config.sample_every, config.checkpoint_every, config.num_samples, config.sample_steps) < 1:
         raise AudiodiffError("--num-workers, --batch-size, --epochs, --grad-accum, --log-every, --sample-every, "
                              "--checkpoint-every, --num-samples and --sample-steps must be at least 1")
+    if config.seed < 0 or (config.stop_at_step is not None and config.stop_at_step < 1):
+        raise AudiodiffError("--seed must be at least 0 and --stop-at-step at least 1")
     if config.lr_schedule not in LR_SCHEDULES:
         raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
-    config = dataclasses.replace(config, output=storage.absolute(config.output))
+    # Ray Train workers run in a directory of their own: local paths must be absolute
+    config = dataclasses.replace(config, output=storage.absolute(config.output),
+                                 model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)
     _check_resume(config)
     parts = load_model(config.model)
     if parts.vqvae is not None:

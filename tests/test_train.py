@@ -77,9 +77,10 @@ def test_two_workers_learn_checkpoint_and_export_a_diffusers_pipeline(spectrogra
 
 def test_resume_continues_the_step_count_and_optimizer_state(spectrograms, tmp_path):
     out = tmp_path / "model"
-    assert finetune(spectrograms, out, "--epochs", 1, "--checkpoint-every", 2) == 0
+    assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2, "--stop-at-step", 4) == 0
     assert [h["step"] for h in history(out)] == [2, 4]
     assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2) == 1  # no silent restart
+    assert finetune(spectrograms, out, "--epochs", 3, "--checkpoint-every", 2, "--resume") == 1  # epochs fixed
     assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2, "--resume") == 0
     assert [h["step"] for h in history(out)] == [2, 4, 6, 8]
     optimizer = torch.load(checkpoints(out)[-1] / "optimizer.pt", weights_only=True)
@@ -203,3 +204,26 @@ def test_reads_teticios_saved_datasets_locally_and_from_object_storage(spectrogr
     for name, data in (("local", str(tmp_path / "teticio")), ("s3", f"{s3_bucket}/teticio")):
         assert finetune(data, tmp_path / name, "--epochs", 1) == 0, name
         assert [h["step"] for h in history(tmp_path / name)] == [2, 4], name  # 32 of 36 images, 8 a step
+    assert finetune(str(tmp_path / "teticio"), tmp_path / "genre", "--genre", "drone") == 1
+
+
+def test_one_seed_gives_one_run_on_a_dataset_of_many_parts(spectrograms, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from audiodiff.dataset import spectrogram_files
+
+    # three parts, as preprocess writes one per 32 tracks: their blocks must come in file order every run
+    data = tmp_path / "parts"
+    (data / "data").mkdir(parents=True)
+    table = pq.read_table(spectrogram_files(spectrograms))
+    for i, start in enumerate(range(0, table.num_rows, 12)):
+        pq.write_table(table.slice(start, 12), data / "data" / f"part-{i:05d}.parquet")
+    for name in ("mel_config.json", "stats.json"):
+        shutil.copy(os.path.join(spectrograms, name), data / name)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert finetune(str(data), out, "--epochs", 1) == 0
+    a, b = (UNet2DModel.from_pretrained(str(out / "unet")).state_dict() for out in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same images, order, noise and float operations
