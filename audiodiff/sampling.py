@@ -1,4 +1,5 @@
-"""Every way of denoising, in one pure-torch module (no Ray, no I/O), for any batch size and width.
+"""The denoising loop, in one pure-torch module (no Ray, no I/O), for any batch size and width: the home of
+every way of denoising (DDIM inversion and slerp join it with audio-to-audio).
 
 `sample` runs a diffusers scheduler's reverse process over a batch in which every item has its own
 `torch.Generator`: its starting noise and every noise draw of the sampler come from it, so an item is the
