@@ -21,7 +21,7 @@ from audiodiff import sampling, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, check_scheduler, load_model, make_scheduler
-from audiodiff.outputs import ClipSink, clip_paths, encode_clip, finished_clips, write_manifest_and_gallery
+from audiodiff.outputs import PEAK_DBFS, ClipSink, clip_row, encode_clip, finished_clips, write_manifest_and_gallery
 from audiodiff.runtime import LIGHT_CPUS, require_gpus
 
 KINDS = ("standard", "extended")
@@ -42,7 +42,7 @@ class GenerateConfig:
     batch_size: int = 4
     concurrency: int = 1
     gpu: bool = False
-    target_dbfs: float = -1.0
+    target_dbfs: float = PEAK_DBFS
 
     @property
     def num_steps(self) -> int:
@@ -75,11 +75,8 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
     for kind, count, frames in (("standard", config.num_clips, mel.x_res),
                                 ("extended", config.num_extended, extended_frames(parts, config.extend_factor))):
         for index in range(count):
-            clip_id = f"{kind}-{index:05d}"
-            rows.append({"clip_id": clip_id, "seed": clip_seed(config.seed, kind, index), "kind": kind,
-                         "frames": frames, "seconds": mel.samples_for_width(frames) / mel.sample_rate,
-                         "scheduler": config.scheduler, "steps": config.num_steps, "model": config.model,
-                         **clip_paths(clip_id)})
+            rows.append(clip_row(f"{kind}-{index:05d}", clip_seed(config.seed, kind, index), kind, frames, mel,
+                                 config.scheduler, config.num_steps, config.model))
     return rows
 
 

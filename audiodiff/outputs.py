@@ -16,6 +16,7 @@ from ray.data.datasource import Datasink
 
 from audiodiff import storage
 from audiodiff.encode import png_bytes, wav_bytes
+from audiodiff.mel import MelConfig
 
 CLIPS_DIR = "clips"
 MANIFEST_SCHEMA = pa.schema([
@@ -25,14 +26,19 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-def clip_paths(clip_id: str) -> dict[str, str]:
-    """A clip's files, relative to the output."""
-    return {"wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png"}
+PEAK_DBFS = -1.0  # saved clips are peak-normalised to this level (teticio's users found them very quiet)
+
+
+def clip_row(clip_id: str, seed: int, kind: str, frames: int, mel: MelConfig, scheduler: str, steps: int,
+             model: str) -> dict:
+    """A clip's manifest row (MANIFEST_SCHEMA), its files relative to the output."""
+    return {"clip_id": clip_id, "seed": seed, "kind": kind, "frames": frames,
+            "seconds": mel.samples_for_width(frames) / mel.sample_rate, "scheduler": scheduler, "steps": steps,
+            "model": model, "wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png"}
 
 
 def encode_clip(image: np.ndarray, audio: np.ndarray, sample_rate: int, target_dbfs: float) -> tuple[bytes, bytes]:
-    """(WAV, PNG) bytes of one clip; the audio peak-normalised to `target_dbfs` (teticio's users found saved
-    clips very quiet)."""
+    """(WAV, PNG) bytes of one clip; the audio peak-normalised to `target_dbfs`."""
     peak = float(np.abs(audio).max())
     if peak > 0:
         audio = audio * (10 ** (target_dbfs / 20) / peak)

@@ -52,7 +52,7 @@ from audiodiff.dataset import decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
-from audiodiff.outputs import clip_paths, encode_clip, write_clip, write_manifest_and_gallery
+from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
 from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, largest_node, require_gpus, smallest_object_store
 
 RUN_NAME = "finetune"
@@ -127,13 +127,13 @@ class RunPlan:
 # data
 
 
-def _row_key(row: dict) -> str:
-    return f"{row['audio_file']}#{row['slice']}"
+def _row_key(audio_file: str, slice_index: int) -> str:
+    return f"{audio_file}#{slice_index}"
 
 
 def _holdout_keys(dataset: ray.data.Dataset) -> set[str]:
     """The rows kept out of training: the smallest hashes of (audio_file, slice), a fixed share of the data."""
-    keys = [_row_key(row) for row in dataset.select_columns(["audio_file", "slice"]).take_all()]
+    keys = [_row_key(r["audio_file"], r["slice"]) for r in dataset.select_columns(["audio_file", "slice"]).take_all()]
     count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
@@ -141,8 +141,8 @@ def _holdout_keys(dataset: ray.data.Dataset) -> set[str]:
 def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool) -> ray.data.Dataset:
     """The decoded images of the rows whose key is (or is not) in `keys`."""
     def flag(batch: pa.Table) -> pa.Table:
-        rows = ({"audio_file": a, "slice": s} for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist()))
-        return batch.append_column("held_out", pa.array([_row_key(row) in keys for row in rows], pa.bool_()))
+        held = [_row_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
+        return batch.append_column("held_out", pa.array(held, pa.bool_()))
 
     flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     chosen = flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
@@ -372,11 +372,9 @@ class Sampler:
         folder = storage.join(c.output, "samples", f"step-{step}")
         rows = []
         for seed, image, clip in zip(seeds, images, audio):
-            clip_id = f"sample-{seed:02d}"
-            row = {"clip_id": clip_id, "seed": seed, "kind": "standard", "frames": mel.x_res,
-                   "seconds": mel.samples_for_width(mel.x_res) / mel.sample_rate, "scheduler": "ddim",
-                   "steps": c.sample_steps, "model": f"{c.output} (EMA, step {step})", **clip_paths(clip_id)}
-            write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, -1.0))
+            row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, "ddim", c.sample_steps,
+                           f"{c.output} (EMA, step {step})")
+            write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, PEAK_DBFS))
             rows.append(row)
         distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
                                              *self.reference)
