@@ -193,9 +193,23 @@ def read_spectrograms(uri: str, genres: list[str] = (), shuffle_seed: int | None
         dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=LIGHT_CPUS)
     else:
         dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs, shuffle=shuffle), num_cpus=LIGHT_CPUS)
-    if genres and "genre" not in dataset.schema().names:
+    if genres and "genre" not in columns(uri):
         raise AudiodiffError(f"{uri}: has no genre column, so --genre cannot choose; leave it out to use every image")
     return filter_genres(dataset, genres)
+
+
+def columns(uri: str) -> list[str]:
+    """A dataset's column names, from its first file's schema. Not `Dataset.schema()`: on Arrow stream files
+    that runs a read and cancels it after one block, and such cancellations crashed Ray 2.60's driver
+    ("Tried to complete task that was not pending", a known core race) once in CI."""
+    fs, path = storage.resolve(spectrogram_files(uri)[0])
+    try:
+        if path.endswith(".parquet"):
+            return pq.read_schema(path, filesystem=fs).names
+        with fs.open_input_stream(path) as f:
+            return pa.ipc.open_stream(f).schema.names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
 
 
 def first_image_size(uri: str) -> tuple[int, int]:

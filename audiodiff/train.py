@@ -48,7 +48,7 @@ from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
 from audiodiff import evaluate, sampling, storage
-from audiodiff.dataset import decode_images, first_image_size, read_spectrograms
+from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
@@ -159,9 +159,10 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                              f"preprocess with --model {config.model}")
     with _ordered():  # blocks in file order, so a seeded permutation picks the same images on every run
         dataset = read_spectrograms(config.data, config.genres, shuffle_seed=None if not config.stream else config.seed)
-        if not {"audio_file", "slice"} <= set(dataset.schema().names):
-            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: "
-                                 f"{', '.join(dataset.schema().names)}); preprocess the audio with audiodiff")
+        names = columns(config.data)
+        if not {"audio_file", "slice"} <= set(names):
+            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(names)}); "
+                                 "preprocess the audio with audiodiff")
         total_rows = dataset.count()
         if total_rows == 0:
             raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
