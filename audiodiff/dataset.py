@@ -15,22 +15,22 @@ or a `datasets.save_to_disk` folder (`dataset_dict.json` + a split folder of Arr
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import posixpath
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from PIL import Image
 from ray.data import FileShuffleConfig
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.expressions import col
 
 from audiodiff import storage
+from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.runtime import LIGHT_CPUS
 
@@ -55,6 +55,9 @@ MEL_CONFIG = "mel_config.json"
 class SpectrogramSink(Datasink):
     """Writes each task's good slices as one parquet part (whole or absent) and returns what it saw, so
     that the driver can write the rejects and the stats once everything is in.
+
+    A part is named by the tracks it holds, so a write that Ray retries (its worker died after writing, before
+    reporting) writes the same file again instead of a second copy beside it.
 
     Rows in: `source`, `genre`, `reason` (None for a good track), `seconds`, `silent`, `slices` (indices),
     `pngs` (one PNG per index)."""
@@ -81,7 +84,8 @@ class SpectrogramSink(Datasink):
         if slices:
             buffer = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(slices, schema=SLICE_SCHEMA), buffer)
-            name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+            tracks = "\n".join(sorted({s["audio_file"] for s in slices}))
+            name = f"part-{hashlib.sha256(tracks.encode()).hexdigest()[:20]}.parquet"
             storage.write_bytes(storage.join(self.output, DATA_DIR, name), buffer.getvalue())
         return seen
 
@@ -166,15 +170,12 @@ def spectrogram_files(uri: str) -> list[str]:
         raise AudiodiffError(f"{uri}: no such dataset")
     if is_saved_dataset(uri):
         return saved_dataset_files(uri)
+    # ours has mel_config.json, written first, and stats.json, written last; the hub's parquet layout has neither
+    if storage.exists(storage.join(uri, MEL_CONFIG)) and not storage.exists(storage.join(uri, STATS)):
+        raise AudiodiffError(f"{uri}: incomplete spectrogram dataset (no {STATS}: preprocess did not finish); "
+                             "run preprocess again with --overwrite")
     parts = storage.join(uri, DATA_DIR)
-    if storage.exists(parts):
-        # ours has mel_config.json, written first; the hub's parquet layout has data/ too, and no stats
-        if storage.exists(storage.join(uri, MEL_CONFIG)) and not storage.exists(storage.join(uri, STATS)):
-            raise AudiodiffError(f"{uri}: incomplete spectrogram dataset (no {STATS}: preprocess did not finish); "
-                                 "run preprocess again with --overwrite")
-        root = parts
-    else:
-        root = uri
+    root = parts if storage.exists(parts) else uri
     files = [f for f in storage.list_files(root, (".parquet",)) if not f.endswith(REJECTS)]
     if not files:
         raise AudiodiffError(f"{uri}: no parquet files; run `audiodiff preprocess` first")
@@ -221,7 +222,7 @@ def first_image_size(uri: str) -> tuple[int, int]:
         else:
             with fs.open_input_stream(path) as f:  # the first batch only, not the whole shard
                 column = pa.ipc.open_stream(f).read_next_batch().column("image")
-        width, height = Image.open(io.BytesIO(column[0]["bytes"].as_py())).size
+        height, width = png_image(column[0]["bytes"].as_py()).shape
     except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
         raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
     return height, width
@@ -229,8 +230,7 @@ def first_image_size(uri: str) -> tuple[int, int]:
 
 def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PNG bytes -> uint8 [batch, height, width]; images stay uint8 until they reach the accelerator."""
-    return {"image": np.stack([np.asarray(Image.open(io.BytesIO(item["bytes"])).convert("L"))
-                               for item in batch["image"]])}
+    return {"image": np.stack([png_image(item["bytes"]) for item in batch["image"]])}
 
 
 def filter_genres(dataset: ray.data.Dataset, genres: list[str]) -> ray.data.Dataset:

@@ -1,4 +1,4 @@
-"""Encoding outputs to bytes: spectrogram images as PNG, clips as 16-bit PCM WAV."""
+"""Encoding outputs to bytes: spectrogram images as PNG (and back), clips as 16-bit PCM WAV."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_image(data: bytes) -> np.ndarray:
+    """A PNG (any mode) -> uint8 [height, width] grayscale."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:

@@ -249,9 +249,7 @@ def _open_side(name: str, uri: str) -> _Side:
     manifest = storage.join(uri, "manifest.parquet")
     if storage.exists(mel_json):
         mel = MelConfig.from_json(storage.read_bytes(mel_json).decode(), mel_json)
-        parts = spectrogram_files(uri) if storage.exists(storage.join(uri, "data")) else []
-        if not parts:
-            raise AudiodiffError(f"--{name} {uri}: a spectrogram dataset without parquet parts under data/")
+        parts = spectrogram_files(uri)  # refuses a dataset that preprocess did not finish
         fs, path = storage.resolve(parts[0])
         try:
             columns = pq.read_schema(path, filesystem=fs).names

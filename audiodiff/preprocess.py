@@ -10,6 +10,7 @@ a dataset saved with `datasets.save_to_disk` (local). Every source becomes rows 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -25,16 +26,22 @@ import ray
 import torch
 
 from audiodiff import storage
-from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
+from audiodiff.audio import AUDIO_EXTENSIONS, stream_audio
 from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, is_saved_dataset, prepare_output, \
     read_stats
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.models import load_mel_config
-from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, cluster_capacity
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, worker_errors
 
-TRACK_SCHEMA = pa.schema([("source", pa.string()), ("bytes", pa.binary()), ("genre", pa.string())])
+# Ray restarts a spectrogram actor, and retries its batch or a write, when its worker dies (a node lost, the OOM
+# killer); a track that kills every worker it meets stops the job after that many tries instead of looping forever.
+WORKER_RETRIES = 3
+# A track is its encoded `bytes` (rows of HF-style datasets), or, for audio files, the `uri` the worker streams it
+# from (so that a worker never holds a whole long file).
+TRACK_SCHEMA = pa.schema([("source", pa.string()), ("bytes", pa.binary()), ("genre", pa.string()),
+                          ("uri", pa.string())])
 
 
 @dataclasses.dataclass
@@ -52,6 +59,8 @@ class PreprocessConfig:
     tracks_per_batch: int = 4
     seed: int = 0
     overwrite: bool = False
+    max_seconds: float = 4 * 3600  # longer tracks are rejects (a bound on the time one track takes, not on memory)
+    shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
 
 
 @dataclasses.dataclass
@@ -71,6 +80,7 @@ def open_source(uri: str, config: PreprocessConfig) -> Tracks:
     if storage.is_hub_id(uri):
         return open_source(f"hf://datasets/{uri}", config)
     local = not storage.is_remote(uri)
+    uri = storage.absolute(uri)  # a relative path: Ray workers do not run in the driver's directory
     if not storage.exists(uri):
         raise AudiodiffError(f"{uri}: source not found (not a file, a folder, an object-storage URI or a hub id)")
     if is_saved_dataset(uri):
@@ -96,18 +106,11 @@ def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
     selected = [f for f in files if not config.genres or genres[f] in config.genres]
     if not selected:
         return Tracks(ray.data.from_arrow(TRACK_SCHEMA.empty_table()), counts)
-    fs = storage.resolve(files[0])[0]
-    # the reader names files by their path inside the filesystem; map back to the URIs we listed
-    by_path = {storage.resolve(f)[1]: f for f in selected}
-    dataset = ray.data.read_binary_files([storage.resolve(f)[1] for f in selected], filesystem=fs,
-                                         include_paths=True, num_cpus=LIGHT_CPUS)
-
-    def to_tracks(batch: pa.Table) -> pa.Table:
-        sources = [by_path[p] for p in batch["path"].to_pylist()]
-        return pa.table({"source": sources, "bytes": batch["bytes"],
-                         "genre": [genres[s] for s in sources]}, schema=TRACK_SCHEMA)
-
-    return Tracks(dataset.map_batches(to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS), counts)
+    table = pa.table({"source": selected, "bytes": pa.nulls(len(selected), pa.binary()),
+                      "genre": [genres[f] for f in selected], "uri": selected}, schema=TRACK_SCHEMA)
+    # one track per block (at most 1000 blocks), so that every actor of the pool gets work from the start
+    step = -(-len(selected) // 1000)
+    return Tracks(ray.data.from_arrow([table.slice(i, step) for i in range(0, len(selected), step)]), counts)
 
 
 def _hub_parquet_files(uri: str) -> list[str]:
@@ -180,31 +183,38 @@ def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
     # the audio's own name where the dataset kept one, else its file and a hash of its bytes: stable, unique
     sources = [name or f"{file}#{hashlib.sha1(d or b'').hexdigest()[:12]}" for name, file, d in zip(names, files, data)]
     genres = batch["genre"] if "genre" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
-    return pa.table({"source": sources, "bytes": pa.array(data, pa.binary()), "genre": genres.cast(pa.string())},
-                    schema=TRACK_SCHEMA)
+    return pa.table({"source": sources, "bytes": pa.array(data, pa.binary()), "genre": genres.cast(pa.string()),
+                     "uri": pa.nulls(batch.num_rows, pa.string())}, schema=TRACK_SCHEMA)
 
 
 # work per track
 
 
 class SpectrogramMaker:
-    """Per actor: one codec; per track: decode, mono, resample, slice, mel, PNG, or a reject reason."""
+    """Per actor: one codec; per track: decode, mono, resample, slice, mel, PNG, or a reject reason.
 
-    def __init__(self, mel: MelConfig, slices: str, seed: int):
+    A track is decoded and cut into images block by block (`audio.stream_audio`), so an actor holds a batch of
+    slices' audio and the track's PNGs, never the whole decoded track; tracks longer than `max_seconds` are
+    rejected before they are decoded."""
+
+    def __init__(self, mel: MelConfig, slices: str, seed: int, max_seconds: float | None = None):
         torch.set_num_threads(1)  # one actor per CPU
         self.codec = MelCodec(mel)
         self.slices = slices
         self.seed = seed
+        self.max_seconds = max_seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = collections.defaultdict(list)
-        for source, data, genre in zip(batch["source"].to_pylist(), batch["bytes"].to_pylist(),
-                                       batch["genre"].to_pylist()):
+        for source, data, genre, uri in zip(batch["source"].to_pylist(), batch["bytes"].to_pylist(),
+                                            batch["genre"].to_pylist(), batch["uri"].to_pylist()):
             try:
-                track = self._track(source, data)
+                track = self._track(source, data, uri)
                 reason = None if track["slices"] else f"entirely silent ({track['silent']} silent slices)"
             except BadAudioError as e:
                 track, reason = {"slices": [], "pngs": [], "silent": 0, "seconds": 0.0}, e.reason
+            except AudiodiffError:  # storage that cannot be reached is no fault of the track's: stop the job
+                raise
             except Exception as e:  # noqa: BLE001 - one odd track must not take its batch down (RAY_NOTES.md)
                 track, reason = {"slices": [], "pngs": [], "silent": 0, "seconds": 0.0}, \
                     f"unexpected error: {type(e).__name__}: {e}"
@@ -215,18 +225,39 @@ class SpectrogramMaker:
                          "silent": rows["silent"], "slices": pa.array(rows["slices"], pa.list_(pa.int16())),
                          "pngs": pa.array(rows["pngs"], pa.list_(pa.binary()))})
 
-    def _track(self, source: str, data: bytes | None) -> dict:
-        if data is None:
+    def _track(self, source: str, data: bytes | None, uri: str | None) -> dict:
+        if data is None and uri is None:
             raise BadAudioError(source, "no audio bytes in the dataset row")
-        audio = load_audio(data, self.codec.config.sample_rate, source)
-        images = self.codec.audio_to_images(audio)
-        audible = (images.flatten(1).amin(dim=1) < 255).nonzero().flatten().tolist()  # silence is all white
-        silent = images.shape[0] - len(audible)
+        c = self.codec.config
+        pngs, silent, samples, pending = {}, 0, 0, []
+        with contextlib.nullcontext(data) if data is not None else storage.local_file(uri) as encoded:
+            for block in stream_audio(encoded, c.sample_rate, source, self.max_seconds):
+                pending.append(block)
+                samples += len(block)
+                if sum(map(len, pending)) >= c.slice_size * self.codec.slices_per_batch:
+                    audio = np.concatenate(pending)
+                    full = len(audio) // c.slice_size * c.slice_size
+                    silent += self._add_images(audio[:full], pngs, silent)
+                    pending = [audio[full:]]
+        # the rest: its full slices, or, for a track shorter than one slice, the zero-padded slice
+        audio = np.concatenate(pending)
+        if samples < c.slice_size or len(audio) >= c.slice_size:
+            silent += self._add_images(audio, pngs, silent)
+        audible = sorted(pngs)
         if self.slices == "random" and audible:
             rng = np.random.default_rng([self.seed, zlib.crc32(source.encode())])
             audible = [audible[rng.integers(len(audible))]]
-        return {"slices": audible, "pngs": [png_bytes(images[i].numpy()) for i in audible], "silent": silent,
-                "seconds": len(audio) / self.codec.config.sample_rate}
+        return {"slices": audible, "pngs": [pngs[i] for i in audible], "silent": silent,
+                "seconds": samples / c.sample_rate}
+
+    def _add_images(self, audio: np.ndarray, pngs: dict[int, bytes], silent: int) -> int:
+        """Images of consecutive slices that follow the `len(pngs) + silent` made so far; the audible ones go into
+        `pngs` by their index in the track. Returns how many were silent (all white)."""
+        images = self.codec.audio_to_images(audio)
+        first = len(pngs) + silent
+        audible = (images.flatten(1).amin(dim=1) < 255).nonzero().flatten().tolist()
+        pngs.update((first + i, png_bytes(images[i].numpy())) for i in audible)
+        return images.shape[0] - len(audible)
 
 
 # output
@@ -251,6 +282,18 @@ def genre_table(counts: collections.Counter, selected: list[str]) -> str:
     return "\n".join(lines)
 
 
+def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: PreprocessConfig) -> ray.data.Dataset:
+    """Tracks -> SpectrogramMaker's rows (slices or a reject reason per track) on a pool of CPU actors; also
+    the audio-to-audio commands' way in (audiodiff.remix)."""
+    pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
+            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
+    return tracks.map_batches(
+        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed, config.max_seconds),
+        batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
+        max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES,
+    )
+
+
 def run_preprocess(config: PreprocessConfig) -> dict:
     """Run the whole stage on the current Ray; returns the stats written to stats.json."""
     if config.slices not in ("all", "random"):
@@ -259,6 +302,7 @@ def run_preprocess(config: PreprocessConfig) -> dict:
         raise AudiodiffError("give at least one SOURCE")
     if config.limit is not None and config.limit < 1:
         raise AudiodiffError(f"--limit must be at least 1, got {config.limit}")
+    check_output_reachable(config.output, config.shared_path)
     mel = resolve_mel_config(config)
     started = time.time()
     opened = [open_source(uri, config) for uri in config.sources]
@@ -271,13 +315,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     tracks = opened[0].dataset.union(*[o.dataset for o in opened[1:]]) if len(opened) > 1 else opened[0].dataset
     if config.limit is not None:
         tracks = tracks.limit(config.limit)
-    pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
-            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
-    spectrograms = tracks.map_batches(
-        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed),
-        batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
-    )
-    spectrograms.write_datasink(SpectrogramSink(config.output, started), ray_remote_args={"num_cpus": LIGHT_CPUS})
+    sink = SpectrogramSink(config.output, started)
+    with worker_errors():
+        make_spectrograms(tracks, mel, config).write_datasink(
+            sink, ray_remote_args={"num_cpus": LIGHT_CPUS, "max_retries": WORKER_RETRIES})
     return read_stats(config.output)
 
 

@@ -9,10 +9,13 @@ Google's application default credentials. `hf://datasets/owner/name/...` reads t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
+import tempfile
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -82,11 +85,23 @@ def is_dir(uri: str) -> bool:
     return _info(fs, path, uri).type == pafs.FileType.Directory
 
 
+# Where storage refuses the request itself: the credentials, or what they are allowed to do.
+_REFUSED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "HTTP status 403",
+            "Forbidden", "Unauthorized")
+
+
+def _storage_error(uri: str, doing: str, e: OSError) -> AudiodiffError:
+    hint = ("; check the credentials this machine gives (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
+            "or an instance role; GCS: application default credentials) and that they may use this bucket"
+            if any(code in str(e) for code in _REFUSED) else "")
+    return AudiodiffError(f"{uri}: {doing} ({e}){hint}")
+
+
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot reach storage ({e})") from None
+        raise _storage_error(uri, "cannot reach storage", e) from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -97,7 +112,29 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise AudiodiffError(f"{uri}: no such file") from None
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot read ({e})") from None
+        raise _storage_error(uri, "cannot read", e) from None
+
+
+@contextlib.contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path to the file: the file itself, or for object storage a temporary copy, streamed to disk in
+    pieces (a long track never sits in memory) and deleted afterwards. A storage error is raised here, naming
+    the URI, not later in a decoder that would take a failed read for the end of the file."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(suffix=posixpath.splitext(path)[1]) as copy:
+        try:
+            with fs.open_input_stream(path) as f:
+                while piece := f.read(8 << 20):
+                    copy.write(piece)
+        except FileNotFoundError:
+            raise AudiodiffError(f"{uri}: no such file") from None
+        except OSError as e:
+            raise _storage_error(uri, "cannot read", e) from None
+        copy.flush()
+        yield copy.name
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -119,7 +156,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot write ({e})") from None
+        raise _storage_error(uri, "cannot write", e) from None
 
 
 def delete(uri: str) -> None:
@@ -127,7 +164,7 @@ def delete(uri: str) -> None:
     try:
         fs.delete_file(path)
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot delete ({e})") from None
+        raise _storage_error(uri, "cannot delete", e) from None
 
 
 def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:
@@ -138,7 +175,7 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
     except FileNotFoundError:
         raise AudiodiffError(f"{uri}: no such directory") from None
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot list ({e})") from None
+        raise _storage_error(uri, "cannot list", e) from None
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File
                    and (extensions is None or i.path.lower().endswith(extensions)))
     return [join(uri, *f[len(path):].lstrip("/").split("/")) for f in files]
@@ -152,7 +189,7 @@ def download_dir(uri: str, local_dir: str) -> None:
     try:
         pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot download ({e})") from None
+        raise _storage_error(uri, "cannot download", e) from None
 
 
 def upload_dir(local_dir: str, uri: str, last: tuple[str, ...] = ()) -> None:

@@ -1,5 +1,8 @@
 import io
 import json
+import os
+import re
+import time
 
 import datasets
 import numpy as np
@@ -188,3 +191,95 @@ def test_hub_dataset_id_that_cannot_be_reached_is_a_clear_error(local_ray, tmp_p
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no hub here; offline mode fails at once
     assert main(["preprocess", "lewtun/music_genres", "--output", str(tmp_path / "out")]) == 1
     assert "hf://datasets/lewtun/music_genres: cannot list the dataset on the Hugging Face Hub" in capsys.readouterr().err
+
+
+def _dies_once(base, marker, when):
+    """`base` (a class Ray runs in its workers) whose process exits, once in the whole run, where `when` says:
+    a killed worker, which Ray restarts and retries. Local classes and functions travel by value to the workers."""
+
+    def first_time() -> bool:
+        try:
+            open(marker, "x").close()
+            return True
+        except FileExistsError:
+            return False
+
+    class DiesOnce(base):
+        def __call__(self, batch):
+            if when(batch) and first_time():
+                os._exit(1)
+            return super().__call__(batch)
+
+        def write(self, blocks, ctx):
+            seen = super().write(blocks, ctx)
+            if when(seen) and first_time():
+                os._exit(1)  # after its part is written, before Ray hears of it: the retry writes it again
+            return seen
+
+    return DiesOnce
+
+
+def test_killed_workers_and_retried_writes_leave_every_slice_once(local_ray, genre_folder, tmp_path, monkeypatch):
+    from audiodiff import preprocess
+
+    victim = str(genre_folder / "drone" / "drone 2.ogg")
+    monkeypatch.setattr(preprocess, "SpectrogramMaker", _dies_once(
+        preprocess.SpectrogramMaker, tmp_path / "actor died", lambda batch: victim in batch["source"].to_pylist()))
+    monkeypatch.setattr(preprocess, "SpectrogramSink", _dies_once(
+        preprocess.SpectrogramSink, tmp_path / "writer died", lambda seen: bool(seen["tracks"])))
+    output = tmp_path / "out"
+    run(genre_folder, "--output", output, "--max-seconds", 12.5)
+    assert (tmp_path / "actor died").exists() and (tmp_path / "writer died").exists()
+    slices, rejects, stats = read_output(output)
+    keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
+    assert len(keys) == len(set(keys)) == stats["slices_written"]
+    assert list(rejects) == [str(genre_folder / "arpeggio" / "arpeggio 3.mp3")]  # 13 s
+    assert rejects[str(genre_folder / "arpeggio" / "arpeggio 3.mp3")].startswith("longer than --max-seconds 12.5")
+    assert stats["tracks_read"] == stats["tracks_written"] + stats["tracks_rejected"] == 12
+    assert len({source for source, _ in keys}) == stats["tracks_written"] == 11 and victim in dict(keys)
+
+
+def test_a_long_track_is_cut_block_by_block_into_the_images_of_the_whole_track(tmp_path):
+    from audiodiff.audio import resample, to_mono
+    from audiodiff.mel import MelCodec
+    from audiodiff.preprocess import TRACK_SCHEMA, SpectrogramMaker
+
+    # 60 s: 40 slices, two of the codec's 32-slice batches, each made of many decoded blocks
+    stereo = np.stack([synthesize("arpeggio", 60, 44100, seed=5), synthesize("beats", 60, 44100, seed=6)], 1)
+    path = str(write(tmp_path / "long.flac", stereo))
+    track = pa.table({"source": [path], "bytes": [None], "genre": [None], "uri": [path]}, schema=TRACK_SCHEMA)
+    row = SpectrogramMaker(TINY, "all", 0)(track).to_pylist()[0]
+    whole = MelCodec(TINY).audio_to_images(resample(to_mono(soundfile.read(path, dtype="float32")[0]), 44100,
+                                                    TINY.sample_rate)).numpy()
+    audible = [i for i, image in enumerate(whole) if image.min() < 255]
+    assert row["reason"] is None and row["slices"] == audible and len(audible) > 32
+    # soxr's streaming resampler gives the whole-track resampler's samples, so the images are the very same
+    assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(png))), whole[i])
+               for i, png in zip(row["slices"], row["pngs"]))
+    rejected = SpectrogramMaker(TINY, "all", 0, max_seconds=30)(track).to_pylist()[0]
+    assert rejected["reason"] == "longer than --max-seconds 30 (60 s); raise --max-seconds to keep it"
+    assert rejected["slices"] == [] and rejected["seconds"] == 0
+
+
+def test_storage_going_away_mid_job_stops_it_naming_the_file(local_ray, s3_bucket, genre_folder, tmp_path,
+                                                              free_port, monkeypatch, capsys):
+    from audiodiff import preprocess
+
+    for path in sorted((genre_folder / "drone").iterdir()):
+        storage.write_bytes(f"{s3_bucket}/in/{path.name}", path.read_bytes())
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    class Outage(preprocess.SpectrogramMaker):
+        """The endpoint goes away once the job has listed its files and its workers have started."""
+
+        def __call__(self, batch):
+            os.environ["AWS_ENDPOINT_URL"] = gone
+            return super().__call__(batch)
+
+    monkeypatch.setattr(preprocess, "SpectrogramMaker", Outage)
+    started = time.monotonic()
+    assert main(["preprocess", f"{s3_bucket}/in", "--output", str(tmp_path / "out"), "--model", "tiny"]) == 1
+    assert time.monotonic() - started < 90  # pyarrow's three tries per request, then Ray's error reaches the driver
+    error = capsys.readouterr().err
+    assert re.search(rf"audiodiff preprocess: error: {s3_bucket}/in/drone \d\.\w+: cannot read \(", error), error
+    assert not (tmp_path / "out" / "stats.json").exists()  # incomplete, and readers refuse it
