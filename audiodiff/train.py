@@ -53,7 +53,8 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
-from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, largest_node, require_gpus, smallest_object_store
+from audiodiff.runtime import (LIGHT_CPUS, check_output_reachable, cluster_capacity, largest_node, require_gpus,
+                               smallest_object_store)
 
 RUN_NAME = "finetune"
 LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
@@ -62,7 +63,7 @@ HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the 
 OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
-                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker"}
+                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
 # Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
@@ -99,6 +100,7 @@ class TrainConfig:
     resume: bool = False
     stop_at_step: int | None = None  # end this run there (checkpointed); --resume continues it
     max_failures: int = 0
+    shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
 
     @property
     def checkpoints(self) -> str:
@@ -515,6 +517,7 @@ def run_finetune(config: TrainConfig) -> dict:
         raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
+    check_output_reachable(config.output, config.shared_path)
     # Ray Train workers run in a directory of their own: local paths must be absolute
     config = dataclasses.replace(config, output=storage.absolute(config.output),
                                  model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)

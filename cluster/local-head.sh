@@ -59,6 +59,15 @@ start() {
   echo "Ray head up: ray job submit --address $address ... (log: $state/head.log)"
 }
 
+# Up to $1 half-seconds for the processes in the caller's `pids` to end; `pids` keeps those still running.
+wait_gone() {
+  for _ in $(seq "$1"); do
+    mapfile -t pids < <(alive "${pids[@]}")
+    ((${#pids[@]})) || return 0
+    sleep 0.5
+  done
+}
+
 stop() {
   if ! running; then
     rm -f "$state/head.pid"
@@ -68,12 +77,11 @@ stop() {
   local pids
   mapfile -t pids < <(session_tree "$(cat "$state/head.pid")")
   kill -TERM "${pids[@]}" 2>/dev/null || true
-  for _ in $(seq 30); do
-    mapfile -t pids < <(alive "${pids[@]}")
-    ((${#pids[@]})) || break
-    sleep 0.5
-  done
-  ((${#pids[@]} == 0)) || kill -KILL "${pids[@]}" 2>/dev/null || true
+  wait_gone 30
+  if ((${#pids[@]})); then
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait_gone 20  # SIGKILL is not instant on a loaded machine: nothing outlives `stop`
+  fi
   rm -f "$state/head.pid"
   echo "Ray head stopped (logs kept in $state)"
 }

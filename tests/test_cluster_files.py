@@ -33,21 +33,27 @@ def documents(kind: str) -> list[dict]:
     return [d for docs in KUBERAY.values() for d in docs if d["kind"] == kind]
 
 
-def uses_the_token(env: list[dict]) -> bool:
-    by_name = {e["name"]: e for e in env}
-    return (by_name["RAY_AUTH_MODE"].get("value") == "token"
-            and "secretKeyRef" in by_name["RAY_AUTH_TOKEN"].get("valueFrom", {}))
+def uses_the_token(container: dict, volumes: list[dict]) -> bool:
+    """Token authentication on, the token a file mounted from the Secret (never an environment variable)."""
+    env = {e["name"]: e for e in container["env"]}
+    path = env["RAY_AUTH_TOKEN_PATH"]["value"]
+    secrets = {v["name"] for v in volumes if v.get("secret", {}).get("secretName") == "audiodiff-ray-token"}
+    return (env["RAY_AUTH_MODE"].get("value") == "token" and "RAY_AUTH_TOKEN" not in env
+            and any(m["name"] in secrets and m.get("readOnly") and path == f"{m['mountPath']}/auth_token"
+                    for m in container["volumeMounts"]))
 
 
 def test_ray_cluster_runs_our_image_and_ray_version_with_an_autoscaled_gpu_group():
     [cluster] = documents("RayCluster")
     spec = cluster["spec"]
     assert cluster["apiVersion"] == "ray.io/v1" and spec["rayVersion"] == ray.__version__
-    assert spec["enableInTreeAutoscaling"] is True and uses_the_token(spec["autoscalerOptions"]["env"])
-    head = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    head_pod = spec["headGroupSpec"]["template"]["spec"]
+    assert spec["enableInTreeAutoscaling"] is True and uses_the_token(spec["autoscalerOptions"], head_pod["volumes"])
+    head = head_pod["containers"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    for container in head + [c for g in groups.values() for c in g["template"]["spec"]["containers"]]:
-        assert container["image"] == IMAGE and uses_the_token(container["env"])
+    for pod in [head_pod] + [g["template"]["spec"] for g in groups.values()]:
+        for container in pod["containers"]:
+            assert container["image"] == IMAGE and uses_the_token(container, pod["volumes"])
     assert not any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in head)
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
@@ -64,8 +70,10 @@ def test_ray_job_submits_a_valid_command_to_the_cluster(stage):
     python, script, *args = shlex.split(job["spec"]["entrypoint"])
     assert python == "python" and script == f"/home/ray/audiodiff/jobs/{stage}.py"  # where cluster/Dockerfile puts it
     assert build_parser().parse_args([stage, *args]).stage == stage  # argparse exits on a flag that does not exist
-    [submitter] = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
-    assert submitter["image"] == IMAGE and uses_the_token(submitter["env"])
+    pod = job["spec"]["submitterPodTemplate"]
+    [submitter] = pod["spec"]["containers"]
+    assert submitter["image"] == IMAGE and uses_the_token(submitter, pod["spec"]["volumes"])
+    assert pod["metadata"]["labels"] == {"audiodiff/ray-job-submitter": "true"}  # what the NetworkPolicy admits
 
 
 def test_launcher_has_a_cpu_head_gpu_workers_and_a_loopback_dashboard():
@@ -93,9 +101,27 @@ def test_nothing_is_exposed_beyond_the_cluster_network():
             assert mapping.get("serviceType", "ClusterIP") == "ClusterIP", name
             assert mapping.get("type") not in ("LoadBalancer", "NodePort"), name
             assert not mapping.get("hostNetwork") and "hostPort" not in mapping and not mapping.get("enableIngress")
+    # all interfaces only where KubeRay puts the head's dashboard anyway (said out loud), inside the pod network
+    [cluster] = documents("RayCluster")
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     for path in CLUSTER.rglob("*"):
         if path.suffix in (".yaml", ".sh") or path.name == "Dockerfile":
-            assert "0.0.0.0" not in path.read_text(), path
+            expected = 1 if path.name == "raycluster.yaml" else 0
+            assert path.read_text().count("0.0.0.0") == expected, path
+
+
+def test_only_the_clusters_own_pods_submitters_and_operator_reach_the_ray_pods():
+    [policy] = documents("NetworkPolicy")
+    [cluster] = documents("RayCluster")
+    own = {"ray.io/cluster": cluster["metadata"]["name"]}  # the label KubeRay puts on every pod of the cluster
+    assert policy["spec"]["podSelector"] == {"matchLabels": own} and policy["spec"]["policyTypes"] == ["Ingress"]
+    peers, clients = policy["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": own}}]}  # Ray's nodes: every port among themselves
+    assert clients["ports"] == [{"port": 8265, "protocol": "TCP"}]  # everyone else: the job API only
+    submitters, operator = clients["from"]
+    assert submitters == {"podSelector": {"matchLabels": {"audiodiff/ray-job-submitter": "true"}}}
+    assert operator["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert set(operator["namespaceSelector"]["matchLabels"]) == {"kubernetes.io/metadata.name"}
 
 
 def test_no_credentials_in_cluster_files():
@@ -105,5 +131,8 @@ def test_no_credentials_in_cluster_files():
         if path.is_file():
             assert not secret_looking.search(path.read_text()), path
     for mapping in (m for docs in KUBERAY.values() for d in docs for m in walk(d)):
-        if "name" in mapping and "value" in mapping:  # a container env entry: secrets come by reference only
-            assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", mapping["name"]), mapping
+        if "name" in mapping and "value" in mapping:  # a container env entry: secrets come by reference only ...
+            if mapping["name"].endswith("_PATH"):  # ... or as a file mounted from a Secret
+                assert mapping["value"].startswith("/etc/"), mapping
+            else:
+                assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", mapping["name"]), mapping

@@ -107,6 +107,7 @@ def test_bad_input_is_reported_before_any_worker_starts(spectrograms, tmp_path, 
 
 
 def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
+    import ray
     from ray.util.state import list_actors
 
     out = tmp_path / "model"
@@ -116,7 +117,9 @@ def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
         deadline = time.monotonic() + 300
         while not killed and time.monotonic() < deadline:
             if (out / "checkpoints" / "finetune").is_dir() and checkpoints(out):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                # this test's own Ray, by address: without one, a second Ray on the machine fails the lookup
+                workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)  # an actor of this test's own Ray
                     killed.append(workers[-1].pid)
