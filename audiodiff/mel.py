@@ -50,6 +50,20 @@ class MelConfig:
         """Samples that `images_to_audio` returns for an image `width` frames wide."""
         return self.hop_length * (width - 1)
 
+    @property
+    def edge_frames(self) -> int:
+        """Frames at each end of an image whose centred STFT window reaches past the audio (into zero
+        padding): they differ from the frames in the middle."""
+        return math.ceil(self.n_fft / 2 / self.hop_length)
+
+    def width_for_seconds(self, seconds: float) -> int:
+        """Frames of the narrowest image whose audio lasts at least `seconds`."""
+        return math.ceil(round(seconds * self.sample_rate, 6) / self.hop_length) + 1
+
+    def frames_in(self, seconds: float) -> int:
+        """Frames nearest to `seconds` of audio (a kept region, an overlap)."""
+        return round(seconds * self.sample_rate / self.hop_length)
+
     @classmethod
     def from_dict(cls, values: dict, source: str = "mel config") -> MelConfig:
         known = {f.name for f in dataclasses.fields(cls)}

@@ -6,7 +6,6 @@ Files are written whole; a clip counts as done once its PNG exists (the WAV is w
 
 from __future__ import annotations
 
-import html
 import io
 
 import numpy as np
@@ -16,6 +15,7 @@ from ray.data.datasource import Datasink
 
 from audiodiff import storage
 from audiodiff.encode import png_bytes, wav_bytes
+from audiodiff.gallery import gallery_html
 from audiodiff.mel import MelConfig
 
 CLIPS_DIR = "clips"
@@ -23,6 +23,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("seed", pa.int64()), ("kind", pa.string()), ("frames", pa.int32()),
     ("seconds", pa.float64()), ("scheduler", pa.string()), ("steps", pa.int32()), ("model", pa.string()),
     ("wav", pa.string()), ("png", pa.string()),
+    # audio-to-audio clips, null elsewhere: the input track and slice (null: the whole track), how far from it
+    # (`strength`), the seconds kept at its start and end, the point between two inputs (`position`,
+    # interpolation), and the files of the input as rendered beside its outputs
+    ("source", pa.string()), ("slice", pa.int32()), ("strength", pa.float64()), ("keep_start", pa.float64()),
+    ("keep_end", pa.float64()), ("position", pa.float64()), ("input_wav", pa.string()), ("input_png", pa.string()),
 ])
 
 
@@ -30,11 +35,15 @@ PEAK_DBFS = -1.0  # saved clips are peak-normalised to this level (teticio's use
 
 
 def clip_row(clip_id: str, seed: int, kind: str, frames: int, mel: MelConfig, scheduler: str, steps: int,
-             model: str) -> dict:
-    """A clip's manifest row (MANIFEST_SCHEMA), its files relative to the output."""
+             model: str, **columns) -> dict:
+    """A clip's manifest row (MANIFEST_SCHEMA), its files relative to the output; `columns`: the
+    audio-to-audio ones that apply, and `seconds` for a clip cut to a length shorter than its frames'."""
+    unknown = set(columns) - set(MANIFEST_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"not manifest columns: {sorted(unknown)}")
     return {"clip_id": clip_id, "seed": seed, "kind": kind, "frames": frames,
             "seconds": mel.samples_for_width(frames) / mel.sample_rate, "scheduler": scheduler, "steps": steps,
-            "model": model, "wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png"}
+            "model": model, "wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png", **columns}
 
 
 def encode_clip(image: np.ndarray, audio: np.ndarray, sample_rate: int, target_dbfs: float) -> tuple[bytes, bytes]:
@@ -81,30 +90,12 @@ def write_if_changed(uri: str, data: bytes) -> None:
 
 
 def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str:
-    """`manifest.parquet` and `index.html` (clips grouped by kind) for `rows` (MANIFEST_SCHEMA); returns the
+    """`manifest.parquet` and `index.html` (`gallery.gallery_html`) for `rows` (MANIFEST_SCHEMA); returns the
     gallery's URI."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
     write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
     index = storage.join(output, "index.html")
-    sections = {f"{kind} clips": [r for r in rows if r["kind"] == kind] for kind in dict.fromkeys(r["kind"] for r in rows)}
-    write_if_changed(index, gallery_html(title, sections).encode())
+    write_if_changed(index, gallery_html(title, rows).encode())
     return index
 
-
-def gallery_html(title: str, sections: dict[str, list[dict]]) -> str:
-    """A page of clips under headings; each row's `wav` and `png` are paths relative to the page."""
-    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n" + "\n".join(_figure(r) for r in rows)
-                     for heading, rows in sections.items())
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
-            "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em;"
-            "vertical-align:top}img{display:block;image-rendering:pixelated;height:256px;max-width:90vw}"
-            "audio{display:block;width:100%}</style></head>\n"
-            f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-
-
-def _figure(row: dict) -> str:
-    clip = html.escape(row["clip_id"])
-    return (f'<figure><figcaption>{clip} · {row["seconds"]:.2f} s · seed {row["seed"]}</figcaption>'
-            f'<img src="{html.escape(row["png"])}" alt="spectrogram of {clip}">'
-            f'<audio controls preload="none" src="{html.escape(row["wav"])}"></audio></figure>')

@@ -1,5 +1,5 @@
 """The denoising loop, in one pure-torch module (no Ray, no I/O), for any batch size and width: the home of
-every way of denoising (DDIM inversion and slerp join it with audio-to-audio).
+every way of denoising.
 
 `sample` runs a diffusers scheduler's reverse process over a batch in which every item has its own
 `torch.Generator`: its starting noise and every noise draw of the sampler come from it, so an item is the
@@ -12,6 +12,9 @@ plain noise-to-image loop:
 - `encoding` (and `null_encoding`, `guidance`): a conditional UNet's cross-attention input
   [batch, 1, cross_attention_dim], with classifier-free guidance when a null encoding and `guidance` != 1.
 - `vqvae`: a latent model's autoencoder; sampling runs on latents and the result is decoded.
+- `noise`: the starting noise itself (a slerp of two inverted clips) instead of the generators' draw.
+Beside it: `invert` (DDIM inversion, image -> noise), `slerp`, and `continue_images` (long images, window
+after window, each outpainted from the end of the one before).
 Images are uint8 [batch, height, width] in and out, as the mel codec makes and takes them.
 """
 
@@ -83,15 +86,22 @@ def predict_noise(unet, sample: torch.Tensor, t: torch.Tensor, encoding: torch.T
 def sample(unet, scheduler, generators: list[torch.Generator], height: int, width: int, steps: int, *,
            eta: float = 0.0, start: torch.Tensor | None = None, strength: float = 1.0,
            keep: torch.Tensor | None = None, encoding: torch.Tensor | None = None,
-           null_encoding: torch.Tensor | None = None, guidance: float = 1.0, vqvae=None) -> torch.Tensor:
+           null_encoding: torch.Tensor | None = None, guidance: float = 1.0, vqvae=None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise one batch (one item per generator) of `height` x `width` images; uint8 [batch, height, width].
 
     `start`: uint8 [batch, height, width]; `keep`: bool [width] or [batch, width] (frames kept from `start`);
-    `encoding`/`null_encoding`: [batch or 1, 1, dim]. The scheduler is set to `steps` here."""
+    `encoding`/`null_encoding`: [batch or 1, 1, dim]; `noise`: [batch, *latent_shape]. The scheduler is set to
+    `steps` here."""
     device = next(unet.parameters()).device
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps[skipped_steps(steps, strength) if start is not None else 0:]
-    noise = initial_noise(generators, latent_shape(unet, vqvae, height, width), device)
+    shape = latent_shape(unet, vqvae, height, width)
+    if noise is None:
+        noise = initial_noise(generators, shape, device)
+    elif tuple(noise.shape) != (len(generators), *shape):
+        raise AudiodiffError(f"noise is {tuple(noise.shape)}; expected {(len(generators), *shape)}")
+    noise = noise.to(device)
     if start is not None:
         if start.shape != (len(generators), height, width):
             raise AudiodiffError(f"start images are {tuple(start.shape)}; expected {(len(generators), height, width)}")
@@ -122,6 +132,70 @@ def sample(unet, scheduler, generators: list[torch.Generator], height: int, widt
     if keep is not None:  # a latent model's decoder only approximates the input: take kept frames from it
         images = torch.where(_pixel_keep(keep, images.shape, images.device), start.to(images.device), images)
     return images
+
+
+@torch.no_grad()
+def invert(unet, scheduler, images: torch.Tensor, steps: int, *, encoding: torch.Tensor | None = None,
+           vqvae=None) -> torch.Tensor:
+    """DDIM inversion: the noise from which deterministic DDIM (eta 0) with `steps` steps on `scheduler`'s
+    schedule denoises back to (about) `images` (uint8 [batch, height, width]). Each step runs the sampler's
+    update backwards, with the noise predicted at the lower noise level standing in for the one at the
+    higher (the inversion's only approximation)."""
+    device = next(unet.parameters()).device
+    scheduler.set_timesteps(steps)
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    final_alpha = getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0))
+    if encoding is not None:
+        encoding = encoding.to(device, unet.dtype).expand(images.shape[0], -1, -1)
+    sample = encode_images(vqvae, images.to(device))
+    for t in scheduler.timesteps.flip(0):
+        previous = int(t) - step
+        alpha = scheduler.alphas_cumprod[t]
+        alpha_before = scheduler.alphas_cumprod[previous] if previous >= 0 else final_alpha
+        noise_prediction = predict_noise(unet, sample, t, encoding)
+        clean = (sample - (1 - alpha_before) ** 0.5 * noise_prediction) / alpha_before ** 0.5
+        sample = alpha ** 0.5 * clean + (1 - alpha) ** 0.5 * noise_prediction
+    return sample
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, position: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors of the same shape (position 0 gives `a`, 1 gives
+    `b`): Gaussian noise keeps its norm along the way, which a straight line between them would lose."""
+    cosine = torch.sum(a * b) / (a.norm() * b.norm())
+    angle = torch.acos(cosine.clamp(-1.0, 1.0))
+    if angle < 1e-4:  # (nearly) parallel: the straight line is the same and has no 0/0
+        return (1 - position) * a + position * b
+    return (torch.sin((1 - position) * angle) * a + torch.sin(position * angle) * b) / torch.sin(angle)
+
+
+def continue_images(unet, scheduler, generators: list[torch.Generator], height: int, window: int, frames: int,
+                    overlap: int, steps: int, *, edge: int = 0, first: torch.Tensor | None = None,
+                    **options) -> torch.Tensor:
+    """Images `frames` wide, made window after window (`window` frames each): the first is `first` (uint8
+    [batch, height, window]) or sampled from noise; each next one is outpainted from `overlap` frames at the
+    end of the one before, which it keeps exactly. The last `edge` frames of a window are left out of the
+    result and of what the next window keeps: a spectrogram's end frames see its STFT's zero padding, so
+    they differ from the middle ones, and joining at them would leave a seam. `options` go to `sample`
+    (eta, encoding, guidance, vqvae)."""
+    if not 0 < overlap < window - 2 * edge:
+        raise AudiodiffError(f"the overlap must be at least one frame and shorter than the window ({window} "
+                             f"frames, {edge} at each end unusable); got {overlap}")
+    current = (first.to(next(unet.parameters()).device) if first is not None else
+               sample(unet, scheduler, generators, height, window, steps, **options))
+    end = window - edge
+    fade = overlap // 2
+    wide, made = current[..., :end], end
+    keep = torch.arange(window) < overlap - fade
+    ramp = torch.linspace(0, 1, fade + 2, device=current.device)[1:-1]
+    while made < frames:
+        start = torch.zeros_like(current)
+        start[..., :overlap] = current[..., end - overlap:end]
+        current = sample(unet, scheduler, generators, height, window, steps, start=start, keep=keep, **options)
+        blended = (1 - ramp) * wide[..., -fade:].float() + ramp * current[..., overlap - fade:overlap].float()
+        wide = torch.cat([wide[..., :-fade] if fade else wide, blended.round().to(torch.uint8),
+                          current[..., overlap:end]], dim=-1)
+        made += end - overlap
+    return wide[..., :frames]
 
 
 def _latent_keep(keep: torch.Tensor, latent_width: int, width: int) -> torch.Tensor:

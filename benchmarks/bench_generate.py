@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from audiodiff import models, sampling
 from audiodiff.encode import png_bytes, wav_bytes
-from audiodiff.generate import ClipGenerator, GenerateConfig, run_generate
+from audiodiff.clips import ClipMaker
+from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.runtime import init_ray
 
 
@@ -40,7 +41,7 @@ def notebook(folder: str, clips: int, steps: int, out: str) -> float:
 
 
 def breakdown(config: GenerateConfig, batch_size: int) -> dict[str, float]:
-    generator = ClipGenerator(config)
+    generator = ClipMaker(config)
     generators = [torch.Generator().manual_seed(seed) for seed in range(batch_size)]
     mel = generator.codec.config
     start = time.perf_counter()

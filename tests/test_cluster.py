@@ -118,7 +118,7 @@ def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(he
     assert refused.returncode != 0 and "token" in refused.stdout + refused.stderr
 
 
-def test_preprocess_finetune_and_generate_jobs_on_object_storage(head, s3_bucket):
+def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_bucket):
     write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
 
     logs = succeeded(head, "preprocess", f"{s3_bucket}/audio", "--model", "tiny", "--genre-from-folder",
@@ -140,6 +140,12 @@ def test_preprocess_finetune_and_generate_jobs_on_object_storage(head, s3_bucket
     assert sorted(r["kind"] for r in rows) == ["extended", "standard", "standard"]
     assert all(storage.exists(f"{s3_bucket}/clips/{r['wav']}") for r in rows)
 
+    # audio-to-audio from object storage: 2 drone tracks, 8 slices, each rendered as it is and remixed
+    logs = succeeded(head, "remix", f"{s3_bucket}/audio/drone", "--model", f"{s3_bucket}/model",
+                     "--output", f"{s3_bucket}/remix", "--steps", 4, "--strength", 0.5)
+    assert "remix: 16 clips written" in logs
+    assert storage.exists(f"{s3_bucket}/remix/index.html") and storage.exists(f"{s3_bucket}/remix/rejects.parquet")
+
 
 @pytest.mark.parametrize("stage, args, message", [
     ("generate", ["--model", "tiny", "--output", "{bucket}/x", "--num-clips", "many"],
@@ -154,20 +160,131 @@ def test_a_job_with_a_bad_argument_fails_with_the_message_in_its_logs(head, s3_b
     assert message.format(bucket=s3_bucket) in job_logs(head, submission_id)
 
 
-def test_gpu_capacity_counts_the_gpu_workers_an_autoscaler_can_add(local_ray):
-    """KubeRay and the cluster launcher start GPU groups at zero: `--gpu` must not be refused for that. The
-    autoscaler reports its node groups to the GCS; this puts such a report there the way it does."""
+@contextlib.contextmanager
+def autoscaler_groups():
+    """The autoscaler (KubeRay, the cluster launcher) reports its node groups to the GCS; this puts such a report
+    there the way it does, for a CPU and a GPU group that start at zero, and takes it away at the end."""
     from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
     from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    assert cluster_capacity("GPU") == 0
     groups = [NodeGroupConfig(name="cpu", resources={"CPU": 16}, min_count=0, max_count=8),
               NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=4)]
     _internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ClusterConfig(node_group_configs=groups).SerializeToString(),
                      namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
     try:
-        assert cluster_capacity("GPU") == 4
+        yield
     finally:
         _internal_kv_del(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
+
+
+def test_gpu_capacity_counts_the_gpu_workers_an_autoscaler_can_add(local_ray):
+    """KubeRay and the cluster launcher start GPU groups at zero: `--gpu` must not be refused for that."""
     assert cluster_capacity("GPU") == 0
+    with autoscaler_groups():
+        assert cluster_capacity("GPU") == 4
+    assert cluster_capacity("GPU") == 0
+
+
+def test_capacity_falls_back_to_the_nodes_that_are_up_when_ray_moves_its_private_api(local_ray, monkeypatch, caplog):
+    import ray
+    from ray._private.state import state
+
+    monkeypatch.delattr(type(state), "get_max_resources_from_cluster_config")
+    with autoscaler_groups():
+        assert cluster_capacity("CPU") == ray.cluster_resources()["CPU"] and cluster_capacity("GPU") == 0
+    assert "cannot read the autoscaler's node groups from Ray (AttributeError" in caplog.text
+    assert "counting only the nodes that are up" in caplog.text
+
+
+def test_a_local_output_is_refused_before_work_on_a_cluster_of_more_than_one_node(local_ray, tmp_path, capsys):
+    from audiodiff.cli import main
+    from audiodiff.runtime import check_output_reachable
+
+    check_output_reachable(str(tmp_path / "out"), shared_path=False)  # one node, no autoscaler: a local path is fine
+    with autoscaler_groups():  # a head now, worker nodes when jobs ask for them
+        for stage, args in (("preprocess", [str(tmp_path), "--model", "tiny"]),
+                            ("finetune", ["--data", str(tmp_path), "--model", "tiny"])):
+            assert main([stage, *args, "--output", str(tmp_path / stage)]) == 1
+            error = capsys.readouterr().err
+            assert f"{tmp_path / stage}: a local path, but the Ray cluster has 1 nodes and can add more" in error
+            assert "give an object-storage URI (s3://..., gs://...), or pass --shared-path" in error
+            assert not (tmp_path / stage).exists()
+        check_output_reachable(str(tmp_path / "out"), shared_path=True)
+        check_output_reachable("s3://bucket/out", shared_path=False)
+
+
+# Run in a process of its own with the user's environment minus the loopback variable: a local Ray, one task.
+_LOCAL_RUN = """
+import json, psutil, ray
+from audiodiff.runtime import init_ray
+init_ray()
+ray.get(ray.remote(lambda: 0).remote())
+me = psutil.Process()
+pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections("inet")
+                         if c.pid in pids and c.status == psutil.CONN_LISTEN})))
+ray.shutdown()
+"""
+
+
+def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_ADDRESS",)) -> \
+        subprocess.CompletedProcess:
+    """`python -c code args` in a session of its own, without the variables in `drop`; whatever of the Ray it
+    started is still running afterwards (a failed run, a process slow to exit) is ended by process id."""
+    process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True, start_new_session=True,
+                               env={k: v for k, v in os.environ.items() if k not in drop},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        left = session_tree(process.pid)
+        for leftover in left:
+            leftover.kill()
+        psutil.wait_procs(left, timeout=30)
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_a_local_ray_listens_on_loopback_only_without_the_users_export():
+    run = python_in_own_session(_LOCAL_RUN, drop=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"))
+    listening = [ipaddress.ip_address(a) for a in json.loads(run.stdout.splitlines()[-1])]
+    assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
+
+
+# Two Ray nodes on loopback in a process of their own (this session's Ray is a single node): preprocess refuses a
+# local output, then runs with one spectrogram actor on each node (a CPU per node, 0.75 per actor).
+_TWO_NODES = """
+import json, sys, ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from audiodiff.cli import main
+source, output, local, dashboard_port = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                        "dashboard_host": "127.0.0.1",
+                                                        "dashboard_port": int(dashboard_port)})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+codes = [main(["preprocess", source, "--model", "tiny", "--num-cpus", "2", "--output", out]) for out in (local, output)]
+actors = list_actors(address=cluster.address, detail=True,
+                     filters=[("class_name", "=", "MapWorker(MapBatches(SpectrogramMaker))")])
+print(json.dumps({"codes": codes, "nodes": len(ray.nodes()), "actor_nodes": len({a.node_id for a in actors})}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_preprocess_on_two_nodes_refuses_a_local_output_and_writes_every_slice_once_to_object_storage(
+        s3_bucket, tmp_path, free_port):
+    write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
+    run = python_in_own_session(_TWO_NODES, f"{s3_bucket}/audio", f"{s3_bucket}/spectrograms", str(tmp_path / "local"),
+                                str(free_port()))
+    assert json.loads(run.stdout.splitlines()[-1]) == {"codes": [1, 0], "nodes": 2, "actor_nodes": 2}
+    assert f"{tmp_path / 'local'}: a local path, but the Ray cluster has 2 nodes" in run.stderr
+    assert not (tmp_path / "local").exists()
+    fs, data = storage.resolve(f"{s3_bucket}/spectrograms/data")
+    slices = pq.read_table(data, filesystem=fs)
+    keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
+    stats = json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))
+    assert len(keys) == len(set(keys)) == stats["slices_written"] == 24 and stats["tracks_written"] == 6
