@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import socket
 import sys
+from urllib.parse import urlparse
 
 from audiodiff import __version__
 from audiodiff.errors import AudiodiffError
 
 
 def _preprocess_parser(subparsers, common) -> None:
-    p = subparsers.add_parser("preprocess", parents=[common],
-                              help="audio collections -> spectrogram dataset (Ray Data, CPU)")
+    p = subparsers.add_parser(
+        "preprocess", parents=[common], help="audio collections -> spectrogram dataset (Ray Data, CPU)",
+        epilog="example:\n  audiodiff preprocess lewtun/music_genres --genre Electronic --slices random "
+               "--model teticio/audio-diffusion-instrumental-hiphop-256 --output out/spectrograms",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="audio folder or URI, parquet folder/URI, saved dataset, hf:// path or hub dataset id")
     p.add_argument("--output", required=True, help="where the spectrogram dataset goes (path, s3://, gs://)")
@@ -32,6 +38,8 @@ def _preprocess_parser(subparsers, common) -> None:
                    help="CPU workers (default: up to the CPUs the cluster has or can scale to)")
     p.add_argument("--seed", type=int, help="seed for --slices random")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    p.add_argument("--max-seconds", type=float, help="longer tracks become rejects (default: 4 hours)")
+    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
 
 
 def _run_preprocess(args) -> None:
@@ -43,7 +51,11 @@ def _run_preprocess(args) -> None:
 
 
 def _finetune_parser(subparsers, common) -> None:
-    p = subparsers.add_parser("finetune", parents=[common], help="DDP fine-tuning of the UNet (Ray Train)")
+    p = subparsers.add_parser(
+        "finetune", parents=[common], help="DDP fine-tuning of the UNet (Ray Train)",
+        epilog="example:\n  audiodiff finetune --data out/spectrograms "
+               "--model teticio/audio-diffusion-instrumental-hiphop-256 --output out/model --epochs 3 --lr 1e-4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="spectrogram dataset (ours or teticio's), path or URI")
     p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
     p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
@@ -69,6 +81,7 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
     p.add_argument("--stop-at-step", type=int, help="end this run at that step, checkpointed; --resume continues it")
     p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
+    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
 
 
 def _run_finetune(args) -> None:
@@ -79,22 +92,36 @@ def _run_finetune(args) -> None:
     print(summary_line(run_finetune(config)))
 
 
-def _generate_parser(subparsers, common) -> None:
-    p = subparsers.add_parser("generate", parents=[common],
-                              help="mass-generate standard and extended clips (Ray Data batch inference)")
-    p.add_argument("--model", required=True, help="hub id, model folder or URI (or a preset, untrained)")
+def _clip_command(subparsers, common, name: str, help: str, examples: list[str], default_scheduler: str):
+    """The parser of a command that makes clips: --model, --output, and the sampler's and workers' flags in a
+    group of their own; the command adds its own."""
+    p = subparsers.add_parser(name, parents=[common], help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example:\n" + "\n".join(f"  audiodiff {name} {e}" for e in examples))
+    p.add_argument("--model", required=True, help="hub id, model folder or URI (a preset: an untrained model)")
     p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
-    p.add_argument("--num-clips", type=int, help="standard clips (x_res frames)")
+    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
+    sampler = p.add_argument_group("sampler and workers")
+    sampler.add_argument("--scheduler", help=f"ddpm or ddim (default: {default_scheduler})")
+    sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    sampler.add_argument("--eta", type=float, help="DDIM eta (0: deterministic sampling)")
+    sampler.add_argument("--seed", type=int, help="clip seeds derive from this and what tells the clips apart")
+    sampler.add_argument("--batch-size", type=int, help="clips (or slices) denoised together")
+    sampler.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
+    sampler.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    sampler.add_argument("--target-dbfs", type=float, help="peak level of each saved clip")
+    return p
+
+
+def _generate_parser(subparsers, common) -> None:
+    p = _clip_command(subparsers, common, "generate",
+                      "mass-generate standard, extended and long clips (Ray Data batch inference)",
+                      ["--model out/model --output out/clips --num-clips 8 --num-extended 2",
+                       "--model out/model --output out/long --num-clips 2 --seconds 300"], default_scheduler="ddpm")
+    p.add_argument("--num-clips", type=int, help="standard clips (x_res frames), or long ones with --seconds")
     p.add_argument("--num-extended", type=int, help="extended clips (--extend-factor x x_res frames)")
     p.add_argument("--extend-factor", type=float)
-    p.add_argument("--scheduler", help="ddpm or ddim")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0: deterministic sampling)")
-    p.add_argument("--seed", type=int, help="clip seeds derive from this and the clip's index")
-    p.add_argument("--batch-size", type=int, help="clips denoised together")
-    p.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--target-dbfs", type=float, help="peak level of each saved clip")
+    p.add_argument("--seconds", type=float, help="make the --num-clips clips this long, window after window")
+    p.add_argument("--overlap", type=float, help="seconds each window keeps from the one before (default: 2)")
 
 
 def _run_generate(args) -> None:
@@ -105,9 +132,55 @@ def _run_generate(args) -> None:
     print(summary_line(run_generate(config)))
 
 
+_AUDIO_SOURCES = "audio folder or URI, parquet folder/URI, saved dataset, hf:// path or hub dataset id"
+
+
+def _remix_parser(subparsers, common) -> None:
+    p = _clip_command(subparsers, common, "remix", "variations of every slice of input tracks, or of whole tracks",
+                      ["song.wav --model out/model --output out/remix --variations 3",
+                       "tracks/ --model out/model --output out/remix --whole-track --strength 0.3",
+                       "song.wav --model out/model --output out/infill --keep-start 2 --keep-end 2"],
+                      default_scheduler="ddim")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help=_AUDIO_SOURCES)
+    p.add_argument("--strength", type=float, help="0: the input as it is ... 1: ignore it (default: 0.5)")
+    p.add_argument("--variations", type=int, help="remixes of each slice (default: 1)")
+    p.add_argument("--keep-start", type=float, help="seconds at each slice's start kept as they are (outpainting)")
+    p.add_argument("--keep-end", type=float, help="seconds at each slice's end kept as they are (with --keep-start: "
+                                                  "inpainting the middle)")
+    p.add_argument("--whole-track", action="store_true", help="join each track's remixed slices into one clip")
+
+
+def _continue_parser(subparsers, common) -> None:
+    p = _clip_command(subparsers, common, "continue", "continue each input track into a long one, window after window",
+                      ["song.wav --model out/model --output out/long --seconds 300"], default_scheduler="ddim")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help=_AUDIO_SOURCES)
+    p.add_argument("--seconds", type=float, required=True, help="length of each continued track")
+    p.add_argument("--overlap", type=float, help="seconds each window keeps from the one before (default: 2)")
+
+
+def _interpolate_parser(subparsers, common) -> None:
+    p = _clip_command(subparsers, common, "interpolate", "clips between two inputs, through their DDIM-inverted noise",
+                      ["a.wav b.wav --model out/model --output out/between --points 7"], default_scheduler="ddim")
+    p.add_argument("sources", nargs=2, metavar="CLIP", help="audio file (its first audible slice is used)")
+    p.add_argument("--points", type=int, help="clips from A to B, both included (default: 5)")
+
+
+def _run_audio_to_audio(args) -> None:
+    from audiodiff import remix
+    from audiodiff.clips import summary_line
+
+    config_class, run = {"remix": (remix.RemixConfig, remix.run_remix),
+                         "continue": (remix.ContinueConfig, remix.run_continue),
+                         "interpolate": (remix.InterpolateConfig, remix.run_interpolate)}[args.stage]
+    config = _config(config_class, args)
+    _init_ray(args)
+    print(summary_line(args.stage, run(config)))
+
+
 def _demo_parser(subparsers, common) -> None:
-    p = subparsers.add_parser("demo", parents=[common],
-                              help="all three stages on synthesised audio with the tiny model, on a local Ray")
+    p = subparsers.add_parser(
+        "demo", parents=[common], help="all three stages on synthesised audio with the tiny model, on a local Ray",
+        epilog="example:\n  audiodiff demo --output out/demo", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", help="local folder (default: out/demo)")
     p.add_argument("--epochs", type=int, help="of the tiny model's fine-tune (default: 20)")
     p.add_argument("--lr", type=float, help="its learning rate (default: 1e-3)")
@@ -123,8 +196,10 @@ def _run_demo(args) -> None:
 
 
 def _evaluate_parser(subparsers, common) -> None:
-    p = subparsers.add_parser("evaluate", parents=[common],
-                              help="Fréchet distance of generated clips against reference audio (Ray Data)")
+    p = subparsers.add_parser(
+        "evaluate", parents=[common], help="Fréchet distance of generated clips against reference audio (Ray Data)",
+        epilog="example:\n  audiodiff evaluate --clips out/clips --reference out/spectrograms --output out/quality.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", required=True, help="generate output, or a folder or URI of audio files")
     p.add_argument("--reference", required=True,
                    help="folder or URI of audio files, a generate output, or a spectrogram dataset from preprocess")
@@ -150,11 +225,38 @@ def _config(config_class, args):
 def _init_ray(args) -> None:
     from audiodiff.runtime import init_ray
 
-    init_ray(args.address)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    named = f"--address {args.address}" if args.address else f"RAY_ADDRESS={address}"
+    if address:
+        _check_reachable(address, named)
+    try:
+        init_ray(args.address)
+    except ConnectionError as e:
+        raise AudiodiffError(f"{named}: cannot join the Ray cluster there ({str(e).splitlines()[0]})") from None
+
+
+def _check_reachable(address: str, named: str) -> None:
+    """Ray retries an address where nothing answers for minutes before it gives up; one connection says so in
+    seconds. `auto` and `local` name no host."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        raise AudiodiffError(f"{named}: not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)") from None
+    if not (host and port):
+        return
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise AudiodiffError(f"{named}: no Ray cluster answers there ({e.strerror or e}); give the head's address "
+                             "(`ray status` on the head prints it), or leave out --address and RAY_ADDRESS for a "
+                             "local Ray") from None
 
 
 STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),
-          "generate": (_generate_parser, _run_generate), "evaluate": (_evaluate_parser, _run_evaluate),
+          "generate": (_generate_parser, _run_generate), "remix": (_remix_parser, _run_audio_to_audio),
+          "continue": (_continue_parser, _run_audio_to_audio),
+          "interpolate": (_interpolate_parser, _run_audio_to_audio), "evaluate": (_evaluate_parser, _run_evaluate),
           "demo": (_demo_parser, _run_demo)}
 
 
@@ -179,4 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     except AudiodiffError as e:
         print(f"audiodiff {args.stage}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"audiodiff {args.stage}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0

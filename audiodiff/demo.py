@@ -17,8 +17,8 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
 from audiodiff.generate import GenerateConfig, run_generate
+from audiodiff.gallery import side_by_side_html
 from audiodiff.generate import summary_line as generate_summary
-from audiodiff.outputs import gallery_html
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.preprocess import summary_line as preprocess_summary
 from audiodiff.synth import GENRES, write_examples
@@ -78,7 +78,7 @@ def run_demo(config: DemoConfig) -> dict:
             {**r, "wav": f"{folder}/{r['wav']}", "png": f"{folder}/{r['png']}"} for r in rows]
     index = storage.join(output, "index.html")
     title = "audiodiff demo: the tiny model before and after fine-tuning (lower Fréchet distance is closer to the data)"
-    storage.write_bytes(index, gallery_html(title, sections).encode())
+    storage.write_bytes(index, side_by_side_html(title, sections).encode())
     before, after = (scores[n]["frechet_distance"] for n in ("untrained", "fine-tuned"))
     print(f"demo: quality (Fréchet distance to the training audio, lower is better): untrained {before:.1f}, "
           f"fine-tuned {after:.1f}", flush=True)

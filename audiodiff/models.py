@@ -157,9 +157,12 @@ def _read_json(path: str, source: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise AudiodiffError(f"{source}: not a model folder (no {os.path.basename(path)})") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise AudiodiffError(f"{source}: cannot read {os.path.basename(path)} ({e.strerror}); check the "
+                             "folder's permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AudiodiffError(f"{source}: {os.path.basename(path)} is not valid JSON ({e})") from None
 
 

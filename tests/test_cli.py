@@ -1,0 +1,116 @@
+import http.server
+import re
+import shlex
+import threading
+
+import pytest
+
+from audiodiff import __version__, cli
+from audiodiff.cli import main
+
+
+def exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code
+
+
+def test_version(capsys):
+    assert exit_code(["--version"]) == 0
+    assert capsys.readouterr().out == f"audiodiff {__version__}\n"
+
+
+@pytest.mark.parametrize("stage", cli.STAGES)
+def test_every_subcommand_help_ends_with_examples_that_parse(stage, capsys):
+    assert exit_code([stage, "--help"]) == 0
+    examples = re.search(r"\nexamples?:\n((?:  audiodiff .+\n)+)$", capsys.readouterr().out)
+    assert examples, f"`audiodiff {stage} --help` ends with no example (see cli.py: epilog=\"example:\\n  ...\")"
+    for example in examples[1].splitlines():
+        argv = shlex.split(example)[1:]
+        assert argv[0] == stage and cli.build_parser().parse_args(argv).stage == stage, example
+
+
+@pytest.mark.parametrize("argv", [[], ["generate"], ["generate", "--model", "tiny", "--output", "x", "--steps", "many"],
+                                  ["no-such-stage"]])
+def test_usage_errors_exit_2_with_the_usage(argv, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: audiodiff") and "Traceback" not in err
+
+
+def one_line_error(capsys, stage: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"audiodiff {stage}: error: "), err
+    return err[0]
+
+
+def test_an_address_where_no_ray_answers_is_named_in_seconds(free_port, monkeypatch, tmp_path, capsys):
+    closed = f"127.0.0.1:{free_port()}"
+    assert main(["generate", "--model", "tiny", "--output", str(tmp_path), "--address", closed]) == 1
+    assert f"--address {closed}: no Ray cluster answers there" in one_line_error(capsys, "generate")
+    monkeypatch.setenv("RAY_ADDRESS", "head:port")
+    assert main(["evaluate", "--clips", "a", "--reference", "b"]) == 1
+    assert "RAY_ADDRESS=head:port: not HOST:PORT" in one_line_error(capsys, "evaluate")
+
+
+def test_an_interrupt_ends_with_one_line_and_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.STAGES, "demo", (cli.STAGES["demo"][0], interrupted))
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "audiodiff demo: interrupted\n"
+
+
+def user_mistakes(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "model_index.json").write_bytes(b"\x89PNG\xff\xfe")
+    missing = str(tmp_path / "missing")
+    return [
+        (["generate", "--model", str(tmp_path / "notes.txt"), "--output", missing], "notes.txt: not a model folder"),
+        (["generate", "--model", str(tmp_path / "broken"), "--output", missing], "model_index.json is not valid JSON"),
+        (["generate", "--model", str(tmp_path / "binary"), "--output", missing], "model_index.json is not valid JSON"),
+        (["generate", "--model", missing, "--output", str(tmp_path / "out")], f"{missing}: no such model folder"),
+        (["generate", "--model", "tiny", "--output", "ftp://host/clips"], "unsupported storage scheme 'ftp://'"),
+        (["generate", "--model", "tiny", "--output", str(tmp_path / "notes.txt" / "clips")], "cannot write"),
+        (["preprocess", missing, "--output", str(tmp_path / "out")], f"{missing}: source not found"),
+        (["finetune", "--data", missing, "--model", "tiny", "--output", str(tmp_path / "out")], missing),
+        (["evaluate", "--clips", missing, "--reference", missing], f"--clips {missing}: not found"),
+        (["demo", "--output", "s3://bucket/demo"], "the demo writes to a local folder"),
+    ]
+
+
+def test_user_mistakes_end_with_one_line_naming_the_input(local_ray, tmp_path, capsys):
+    for argv, named in user_mistakes(tmp_path):
+        assert main(argv) == 1, argv
+        assert named in one_line_error(capsys, argv[0])
+
+
+@pytest.fixture
+def refusing_s3(monkeypatch):
+    """An S3 endpoint on loopback that refuses every request (403), as S3 does with wrong credentials."""
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = do_PUT = do_POST = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+
+
+def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, refusing_s3, capsys):
+    assert main(["evaluate", "--clips", "s3://bucket/clips", "--reference", "s3://bucket/audio"]) == 1
+    line = one_line_error(capsys, "evaluate")
+    assert "s3://bucket/clips" in line and "check the credentials" in line and "AWS_ACCESS_KEY_ID" in line
