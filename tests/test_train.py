@@ -75,18 +75,6 @@ def test_two_workers_learn_checkpoint_and_export_a_diffusers_pipeline(spectrogra
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"
 
 
-def test_resume_continues_the_step_count_and_optimizer_state(spectrograms, tmp_path):
-    out = tmp_path / "model"
-    assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2, "--stop-at-step", 4) == 0
-    assert [h["step"] for h in history(out)] == [2, 4]
-    assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2) == 1  # no silent restart
-    assert finetune(spectrograms, out, "--epochs", 3, "--checkpoint-every", 2, "--resume") == 1  # epochs fixed
-    assert finetune(spectrograms, out, "--epochs", 2, "--checkpoint-every", 2, "--resume") == 0
-    assert [h["step"] for h in history(out)] == [2, 4, 6, 8]
-    optimizer = torch.load(checkpoints(out)[-1] / "optimizer.pt", weights_only=True)
-    assert {float(s["step"]) for s in optimizer["state"].values()} == {8.0}  # Adam's moments went on from 4
-
-
 def test_bad_input_is_reported_before_any_worker_starts(spectrograms, tmp_path, capsys):
     assert finetune(str(tmp_path / "nothing"), tmp_path / "o") == 1
     assert "nothing: no such dataset" in capsys.readouterr().err
@@ -147,11 +135,14 @@ def test_checkpoints_and_export_to_object_storage(spectrograms, s3_bucket):
     assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
 
 
-def test_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(spectrograms, tmp_path, capsys):
+def test_resumed_mid_epoch_ends_with_the_weights_and_optimizer_state_of_an_uninterrupted_run(spectrograms, tmp_path,
+                                                                                              capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert finetune(spectrograms, whole, "--epochs", 2) == 0  # 4 steps per epoch
     assert finetune(spectrograms, parts, "--epochs", 2, "--stop-at-step", 5) == 0  # mid-epoch 2
     assert checkpoint_steps(parts)[-1] == 5
+    assert finetune(spectrograms, parts, "--epochs", 2) == 1  # no silent restart over a run's checkpoints
+    assert finetune(spectrograms, parts, "--epochs", 3, "--resume") == 1  # the run's length is fixed
     capsys.readouterr()
     assert finetune(spectrograms, parts, "--epochs", 2, "--resume", "--lr", "2e-4", "--seed", "3") == 1
     assert ("--resume with settings that change the result: lr was 0.0001, now 0.0002, seed was 0, now 3"
@@ -159,6 +150,8 @@ def test_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(spectro
     assert finetune(spectrograms, parts, "--epochs", 2, "--resume") == 0
     assert [h["step"] for h in history(parts)] == [2, 4, 5, 6, 8]  # the stop at 5 is logged
     assert [h["step"] for h in history(whole)] == [2, 4, 6, 8]
+    optimizer = torch.load(checkpoints(parts)[-1] / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {8.0}  # Adam's moments went on from 5
     for name in ("model", "unet"):  # the exported EMA weights and the live ones of the last checkpoint
         folder = (lambda o: o / "unet") if name == "model" else (lambda o: checkpoints(o)[-1] / "unet")
         a = UNet2DModel.from_pretrained(str(folder(whole))).state_dict()
