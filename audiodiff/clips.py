@@ -28,7 +28,7 @@ from ray.data.expressions import col
 from audiodiff import sampling, storage
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
-from audiodiff.mel import MelCodec
+from audiodiff.mel import MelCodec, is_silent
 from audiodiff.models import check_scheduler, load_model, make_scheduler
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, encode_clip, finished_clips, \
     write_manifest_and_gallery
@@ -36,7 +36,6 @@ from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, re
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
-SILENT = 255  # the grey level of silence in a spectrogram image (white)
 
 
 @dataclasses.dataclass
@@ -137,7 +136,7 @@ class ClipMaker:
             keep[j, :mel.frames_in(rows[i]["keep_start"] or 0)] = True
             keep[j, mel.x_res - mel.frames_in(rows[i]["keep_end"] or 0):] = True
         outputs = inputs.clone()
-        audible = (inputs.flatten(1).amin(dim=1) < SILENT).nonzero().flatten()
+        audible = (~is_silent(inputs)).nonzero().flatten()
         for chunk in audible.split(self.config.batch_size):
             generators = [torch.Generator().manual_seed(rows[owner[j]]["seed"]) for j in chunk.tolist()]
             outputs[chunk] = sampling.sample(

@@ -93,10 +93,7 @@ class SpectrogramSink(Datasink):
         """On the driver, once every part is written: rejects.parquet, then stats.json."""
         tracks = [t for r in write_result.write_returns for t in r["tracks"]]
         rejects = [t for r in write_result.write_returns for t in r["rejects"]]
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([{"source": s, "reason": r} for s, r in rejects], schema=REJECT_SCHEMA),
-                       buffer)
-        storage.write_bytes(storage.join(self.output, REJECTS), buffer.getvalue())
+        write_rejects(self.output, [{"source": s, "reason": r} for s, r in rejects])
         per_genre = collections.defaultdict(lambda: {"tracks": 0, "slices": 0})
         for genre, _, n_slices, _ in tracks:
             per_genre[genre or "unknown"]["tracks"] += 1
@@ -112,6 +109,13 @@ class SpectrogramSink(Datasink):
             "elapsed_seconds": round(time.time() - self.started, 3),
         }
         storage.write_bytes(storage.join(self.output, STATS), (json.dumps(stats, indent=2) + "\n").encode())
+
+
+def write_rejects(output: str, rejects: list[dict]) -> None:
+    """`rejects.parquet` (REJECT_SCHEMA rows: the input and why it was not used) under `output`."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), buffer)
+    storage.write_if_changed(storage.join(output, REJECTS), buffer.getvalue())
 
 
 def prepare_output(output: str, mel_config_json: str, overwrite: bool) -> None:

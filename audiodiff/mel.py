@@ -91,6 +91,14 @@ class MelConfig:
         return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
 
+SILENT = 255  # each image is scaled to its own loudest bin, so silence (all bins equal) is all white
+
+
+def is_silent(images: torch.Tensor) -> torch.Tensor:
+    """bool [batch]: which uint8 images [batch, height, width] are the image of silence (all white)."""
+    return images.flatten(1).amin(dim=1) == SILENT
+
+
 class MelCodec:
     """Batched mel codec on one device.
 

@@ -83,19 +83,13 @@ def finished_clips(output: str) -> set[str]:
     return {name[:-4] for name in names if name.endswith(".png") and f"{name[:-4]}.wav" in names}
 
 
-def write_if_changed(uri: str, data: bytes) -> None:
-    """A re-run that changes nothing leaves the file (and its modification time) alone."""
-    if not (storage.exists(uri) and storage.read_bytes(uri) == data):
-        storage.write_bytes(uri, data)
-
-
 def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str:
     """`manifest.parquet` and `index.html` (`gallery.gallery_html`) for `rows` (MANIFEST_SCHEMA); returns the
     gallery's URI."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
-    write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
+    storage.write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
     index = storage.join(output, "index.html")
-    write_if_changed(index, gallery_html(title, rows).encode())
+    storage.write_if_changed(index, gallery_html(title, rows).encode())
     return index
 

@@ -31,7 +31,7 @@ from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, 
     read_stats
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
-from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.mel import MelCodec, MelConfig, is_silent
 from audiodiff.models import load_mel_config
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, worker_errors
 
@@ -255,7 +255,7 @@ class SpectrogramMaker:
         `pngs` by their index in the track. Returns how many were silent (all white)."""
         images = self.codec.audio_to_images(audio)
         first = len(pngs) + silent
-        audible = (images.flatten(1).amin(dim=1) < 255).nonzero().flatten().tolist()
+        audible = (~is_silent(images)).nonzero().flatten().tolist()
         pngs.update((first + i, png_bytes(images[i].numpy())) for i in audible)
         return images.shape[0] - len(audible)
 

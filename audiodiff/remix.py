@@ -12,25 +12,23 @@ audio-to-audio manifest columns (DESIGN.md, "Audio-to-audio and long-form output
 from __future__ import annotations
 
 import dataclasses
-import io
 import posixpath
 import re
 import zlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from audiodiff import storage
-from audiodiff.clips import SILENT, WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
-from audiodiff.dataset import REJECT_SCHEMA, REJECTS
+from audiodiff.clips import WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
+from audiodiff.dataset import write_rejects
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError
 from audiodiff.generate import check_long_form
-from audiodiff.mel import MelConfig
+from audiodiff.mel import SILENT, MelConfig
 from audiodiff.models import PipelineParts, load_model
-from audiodiff.outputs import clip_row, write_if_changed
+from audiodiff.outputs import clip_row
 from audiodiff.preprocess import PreprocessConfig, make_spectrograms, open_source
 from audiodiff.runtime import LIGHT_CPUS, worker_errors
 
@@ -68,6 +66,13 @@ class InterpolateConfig(ClipSettings):
 
     def settings(self) -> dict:
         return {**super().settings(), "points": self.points}
+
+
+def _input_row(name: str, source: str, slice_index: int | None, frames: int, config: ClipSettings,
+               mel: MelConfig) -> dict:
+    """The clip of an input as it is (strength 0), rendered for the gallery to play beside its outputs."""
+    return clip_row(f"{name}-input", 0, "input", frames, mel, config.scheduler, config.num_steps, config.model,
+                    strength=0.0, source=source, slice=slice_index)
 
 
 def track_id(source: str) -> str:
@@ -108,8 +113,7 @@ def _remix_rows(track: dict, config: RemixConfig, mel: MelConfig) -> list[dict]:
         starts = {"starts": [pngs.get(s, white) if config.whole_track else pngs[s] for s in slices]} if pngs else {}
         frames = mel.x_res * len(slices)
         common = {"source": track["source"], "slice": slice_index}
-        source = clip_row(f"{name}-input", 0, "input", frames, mel, config.scheduler, config.num_steps,
-                          config.model, strength=0.0, **common)
+        source = _input_row(name, track["source"], slice_index, frames, config, mel)
         rows.append({**source, **starts})
         for k in range(config.variations):
             rows.append({**clip_row(f"{name}-v{k:02d}", clip_seed(config.seed, k), "remix", frames, mel,
@@ -134,8 +138,7 @@ def _continue_rows(track: dict, config: ContinueConfig, mel: MelConfig) -> list[
     """A track's last audible slice, as its input, and the long clip that continues it."""
     starts = {"starts": [track["pngs"][-1]]} if "pngs" in track else {}
     name, common = track_id(track["source"]), {"source": track["source"], "slice": track["slices"][-1]}
-    source = clip_row(f"{name}-input", 0, "input", mel.x_res, mel, config.scheduler, config.num_steps,
-                      config.model, strength=0.0, **common)
+    source = _input_row(name, track["source"], track["slices"][-1], mel.x_res, config, mel)
     continued = clip_row(f"{name}-continued", clip_seed(config.seed, zlib.crc32(track["source"].encode())),
                          "continuation", mel.width_for_seconds(config.seconds), mel, config.scheduler,
                          config.num_steps, config.model, seconds=config.seconds, input_wav=source["wav"],
@@ -170,9 +173,7 @@ def run_interpolate(config: InterpolateConfig) -> dict:
     ends = [_only_track(uri, tracks) for uri in config.sources]
     rows = []
     for track in ends:
-        source = clip_row(f"{track_id(track['source'])}-input", 0, "input", mel.x_res, mel, config.scheduler,
-                          config.num_steps, config.model, strength=0.0, source=track["source"],
-                          slice=track["slices"][0])
+        source = _input_row(track_id(track["source"]), track["source"], track["slices"][0], mel.x_res, config, mel)
         rows.append({**source, "starts": [track["pngs"][0]]})
     pair = [track["pngs"][0] for track in ends]
     for i in range(config.points):
@@ -224,9 +225,7 @@ def _run(config: ClipSettings, parts: PipelineParts, rows_of_track, title: str, 
     made = _spectrograms(config.sources, config.output, parts.mel)
     tracks = sorted(made.drop_columns(["pngs"]).take_all(), key=lambda t: t["source"])
     rejects = [{"source": t["source"], "reason": t["reason"]} for t in tracks if t["reason"]]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), buffer)
-    write_if_changed(storage.join(config.output, REJECTS), buffer.getvalue())
+    write_rejects(config.output, rejects)
     plan = [row for track in tracks if not track["reason"] for row in rows_of_track(track)]
 
     def work(batch: pa.Table) -> pa.Table:

@@ -159,6 +159,12 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise _storage_error(uri, "cannot write", e) from None
 
 
+def write_if_changed(uri: str, data: bytes) -> None:
+    """A re-run that changes nothing leaves the file (and its modification time) alone."""
+    if not (exists(uri) and read_bytes(uri) == data):
+        write_bytes(uri, data)
+
+
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     try:
