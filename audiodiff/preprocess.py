@@ -3,7 +3,8 @@
 Sources (several per run): a folder or URI of audio files; HF-style parquet (an `audio` column of
 `{bytes, path}`, an optional `genre` column) on disk, object storage or the hub (`hf://`, or a dataset id);
 a dataset saved with `datasets.save_to_disk` (local). Every source becomes rows of
-`{source, bytes, genre}`; `SpectrogramMaker` turns each track into PNG slices or a reject reason;
+`{source, bytes, genre, uri}` (a dataset's rows carry the encoded audio; an audio file only its URI, which the worker
+reads itself); `SpectrogramMaker` turns each track into PNG slices or a reject reason;
 `audiodiff.dataset.SpectrogramSink` writes the spectrogram dataset (its format is described there).
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import os
 import posixpath
 import re
+import tempfile
 import time
+import uuid
 import zlib
 
 import numpy as np
@@ -32,11 +36,11 @@ from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, 
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
-from audiodiff.models import load_mel_config
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, worker_errors
 
-# Ray restarts a spectrogram actor, and retries its batch or a write, when its worker dies (a node lost, the OOM
-# killer); a track that kills every worker it meets stops the job after that many tries instead of looping forever.
+# Ray Data restarts a spectrogram actor and retries its batch, without limit, when its worker dies (a node lost, the
+# OOM killer, a crash in a decoder), and Ray retries a write up to this many times. A track whose worker died this
+# many times while on it is a reject (`TrackTries`), so a track that kills every worker it meets cannot loop forever.
 WORKER_RETRIES = 3
 # A track is its encoded `bytes` (rows of HF-style datasets), or, for audio files, the `uri` the worker streams it
 # from (so that a worker never holds a whole long file).
@@ -106,11 +110,14 @@ def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
     selected = [f for f in files if not config.genres or genres[f] in config.genres]
     if not selected:
         return Tracks(ray.data.from_arrow(TRACK_SCHEMA.empty_table()), counts)
-    table = pa.table({"source": selected, "bytes": pa.nulls(len(selected), pa.binary()),
-                      "genre": [genres[f] for f in selected], "uri": selected}, schema=TRACK_SCHEMA)
-    # one track per block (at most 1000 blocks), so that every actor of the pool gets work from the start
-    step = -(-len(selected) // 1000)
-    return Tracks(ray.data.from_arrow([table.slice(i, step) for i in range(0, len(selected), step)]), counts)
+    # Blocks of one actor call's tracks: a quarter of the objects a block per track makes Ray's driver schedule
+    # (1 ms of its CPU per track, measured). But at least one block for each worker of a fixed pool, --limit
+    # counted, so that every actor gets work from the start (Ray warns otherwise), and at most 1000 blocks. Built in
+    # the driver, as `from_items` does, not by `from_arrow`, which runs a Ray task per block to read its size.
+    rows = [{"source": f, "bytes": None, "genre": genres[f], "uri": f} for f in selected]
+    used = min(len(rows), config.limit or len(rows))
+    per_block = max(1, min(config.tracks_per_batch, used // (config.num_workers or 1)), -(-len(rows) // 1000))
+    return Tracks(ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_block)), counts)
 
 
 def _hub_parquet_files(uri: str) -> list[str]:
@@ -190,6 +197,47 @@ def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:
 # work per track
 
 
+class TrackTries:
+    """How many workers died while on a track, counted on this node. A worker keeps an empty file named by the
+    track and its process id while it makes the track's images, and removes it when done; a file whose process is
+    gone is a worker that died on the track, found by the retry of its batch. The name holds the run, so files an
+    interrupted run left count for nothing in the next; the process id, so a track given twice and made by two
+    workers at once is not taken for a death."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.folder = os.path.join(tempfile.gettempdir(), f"audiodiff-track-tries-{os.getuid()}")
+
+    @contextlib.contextmanager
+    def track(self, source: str):
+        """Around making a track's images; raises BadAudioError once WORKER_RETRIES workers died on it."""
+        key = os.path.join(self.folder, hashlib.sha1(f"{self.run}\0{source}".encode()).hexdigest())
+        dead = [path for path in glob.glob(f"{glob.escape(key)}.*") if not _alive(int(path.rsplit(".", 1)[1]))]
+        mine = f"{key}.{os.getpid()}"
+        try:
+            if len(dead) >= WORKER_RETRIES:
+                raise BadAudioError(source, f"its worker died {len(dead)} times while making its images (a crash in "
+                                            "a decoder, or out of memory); not tried again")
+            with contextlib.suppress(OSError):  # a full or read-only temporary folder: make the track uncounted
+                os.makedirs(self.folder, exist_ok=True)
+                open(mine, "x").close()
+            yield
+        finally:
+            for path in (*dead, mine):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SpectrogramMaker:
     """Per actor: one codec; per track: decode, mono, resample, slice, mel, PNG, or a reject reason.
 
@@ -197,19 +245,21 @@ class SpectrogramMaker:
     slices' audio and the track's PNGs, never the whole decoded track; tracks longer than `max_seconds` are
     rejected before they are decoded."""
 
-    def __init__(self, mel: MelConfig, slices: str, seed: int, max_seconds: float | None = None):
+    def __init__(self, mel: MelConfig, slices: str, seed: int, max_seconds: float | None = None, run: str = ""):
         torch.set_num_threads(1)  # one actor per CPU
         self.codec = MelCodec(mel)
         self.slices = slices
         self.seed = seed
         self.max_seconds = max_seconds
+        self.tries = TrackTries(run)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = collections.defaultdict(list)
         for source, data, genre, uri in zip(batch["source"].to_pylist(), batch["bytes"].to_pylist(),
                                             batch["genre"].to_pylist(), batch["uri"].to_pylist()):
             try:
-                track = self._track(source, data, uri)
+                with self.tries.track(source):
+                    track = self._track(source, data, uri)
                 reason = None if track["slices"] else f"entirely silent ({track['silent']} silent slices)"
             except BadAudioError as e:
                 track, reason = {"slices": [], "pngs": [], "silent": 0, "seconds": 0.0}, e.reason
@@ -267,6 +317,9 @@ def resolve_mel_config(config: PreprocessConfig) -> MelConfig:
     if config.model and config.mel_config:
         raise AudiodiffError("give the mel config by --model or by --mel-config, not both")
     if config.model:
+        # imported here, in the driver: the workers that unpickle this module's classes need no diffusers (seconds)
+        from audiodiff.models import load_mel_config
+
         return load_mel_config(config.model)
     if config.mel_config:
         return MelConfig.from_json(storage.read_bytes(config.mel_config).decode(), config.mel_config)
@@ -287,10 +340,11 @@ def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: Preproce
     the audio-to-audio commands' way in (audiodiff.remix)."""
     pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
             ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
+    # Ray Data's own actor fault tolerance (restart, retry the batch) applies; `max_restarts` could only be set
+    # through the deprecated **ray_remote_args, so TrackTries bounds the tries of a track instead
     return tracks.map_batches(
-        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed, config.max_seconds),
+        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed, config.max_seconds, uuid.uuid4().hex),
         batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
-        max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES,
     )
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import numpy as np
@@ -17,6 +18,16 @@ def reference_images(audio: np.ndarray, config: MelConfig) -> np.ndarray:
     mel = Mel(**vars(config))
     mel.load_audio(raw_audio=audio)
     return np.stack([np.asarray(mel.audio_slice_to_image(i)) for i in range(mel.get_number_of_slices())])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _signals():
@@ -40,16 +51,19 @@ def _signals():
 def test_audio_to_images_matches_diffusers_mel(kind, config):
     audio = _signals()[kind]
     expected = reference_images(audio, config)
-    ours = MelCodec(config).audio_to_images(audio)
-    assert ours.dtype == torch.uint8
-    assert tuple(ours.shape) == expected.shape  # same slice count and padding as Mel
-    difference = np.abs(ours.numpy().astype(int) - expected.astype(int))
-    # A grey level is top_db / 255 (0.31 dB). float32 torch against librosa's float32/float64 mix rounds a pixel
-    # that lies on a level boundary either way: measured on at most 0.015% of a signal's pixels (0.004% over all),
-    # the same with ATen's default, AVX2 and AVX-512 kernels; 0.1% leaves a sixfold margin, and one level is the
-    # most rounding can move.
-    assert difference.max() <= 1
-    assert (difference == 0).mean() >= 0.999
+    codec = MelCodec(config)
+    for threads in (1, 2):  # one thread: the mel product by band groups, as preprocess workers run; two: dense
+        with torch_threads(threads):
+            ours = codec.audio_to_images(audio)
+        assert ours.dtype == torch.uint8
+        assert tuple(ours.shape) == expected.shape  # same slice count and padding as Mel
+        difference = np.abs(ours.numpy().astype(int) - expected.astype(int))
+        # A grey level is top_db / 255 (0.31 dB). float32 torch against librosa's float32/float64 mix rounds a pixel
+        # that lies on a level boundary either way: measured on at most 0.015% of a signal's pixels (0.004% over
+        # all), the same with ATen's default, AVX2 and AVX-512 kernels; 0.1% leaves a sixfold margin, and one level
+        # is the most rounding can move.
+        assert difference.max() <= 1
+        assert (difference == 0).mean() >= 0.999
 
 
 def test_audio_to_images_takes_numpy_and_torch_and_chunks_long_audio():
@@ -61,6 +75,25 @@ def test_audio_to_images_takes_numpy_and_torch_and_chunks_long_audio():
     # Equal here on every capability; a CPU whose matrix kernels block by batch size may round a boundary pixel
     # to the next grey level, as in the comparison with diffusers above, so the same bound applies.
     difference = (whole.int() - chunked.int()).abs()
+    assert difference.max() <= 1 and (difference == 0).float().mean() >= 0.999
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filterbank has all zero values")
+@pytest.mark.parametrize("config", [MelConfig(), MelConfig(x_res=64, y_res=64), MelConfig(y_res=512, n_fft=512)],
+                         ids=["256", "64", "512 bands of 257 bins, some empty"])
+def test_cpu_mel_product_by_band_groups_leaves_out_only_zeros_and_gives_the_dense_products_images(config):
+    codec = MelCodec(config)
+    rebuilt, row = torch.zeros_like(codec._mel_basis), 0
+    for first, last, weights in codec._band_groups:
+        rebuilt[row:row + weights.shape[0], first:last] = weights
+        row += weights.shape[0]
+    assert torch.equal(rebuilt, codec._mel_basis)
+    dense = MelCodec(config)
+    dense._band_groups = None  # the accelerators' path: one product with the whole bank
+    audio = synthesize("arpeggio", 13, SR, seed=4)
+    with torch_threads(1):  # by band groups on one thread only, as preprocess workers run
+        difference = (codec.audio_to_images(audio).int() - dense.audio_to_images(audio).int()).abs()
+    # the same terms summed in another order: equal here; at most a boundary pixel's rounding, as above
     assert difference.max() <= 1 and (difference == 0).float().mean() >= 0.999
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import time
+import uuid
 
 import datasets
 import numpy as np
@@ -219,12 +220,30 @@ def _dies_once(base, marker, when):
     return DiesOnce
 
 
-def test_killed_workers_and_retried_writes_leave_every_slice_once(local_ray, genre_folder, tmp_path, monkeypatch):
+def _always_dies_on(base, poison, deaths):
+    """`base` (SpectrogramMaker) whose process exits whenever it starts on the track `poison` (as a crash in a
+    decoder would), leaving a file in the folder `deaths` each time."""
+
+    class AlwaysDies(base):
+        def _track(self, source, data, uri):
+            if source == poison:
+                open(os.path.join(deaths, uuid.uuid4().hex), "x").close()
+                os._exit(1)
+            return super()._track(source, data, uri)
+
+    return AlwaysDies
+
+
+def test_killed_workers_and_retried_writes_leave_every_slice_once_and_a_track_killing_every_worker_is_a_reject(
+        local_ray, genre_folder, tmp_path, monkeypatch):
     from audiodiff import preprocess
 
     victim = str(genre_folder / "drone" / "drone 2.ogg")
+    poison = str(genre_folder / "beats" / "beats 1.flac")
+    (tmp_path / "deaths").mkdir()
     monkeypatch.setattr(preprocess, "SpectrogramMaker", _dies_once(
-        preprocess.SpectrogramMaker, tmp_path / "actor died", lambda batch: victim in batch["source"].to_pylist()))
+        _always_dies_on(preprocess.SpectrogramMaker, poison, str(tmp_path / "deaths")), tmp_path / "actor died",
+        lambda batch: victim in batch["source"].to_pylist()))
     monkeypatch.setattr(preprocess, "SpectrogramSink", _dies_once(
         preprocess.SpectrogramSink, tmp_path / "writer died", lambda seen: bool(seen["tracks"])))
     output = tmp_path / "out"
@@ -233,10 +252,55 @@ def test_killed_workers_and_retried_writes_leave_every_slice_once(local_ray, gen
     slices, rejects, stats = read_output(output)
     keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
     assert len(keys) == len(set(keys)) == stats["slices_written"]
-    assert list(rejects) == [str(genre_folder / "arpeggio" / "arpeggio 3.mp3")]  # 13 s
-    assert rejects[str(genre_folder / "arpeggio" / "arpeggio 3.mp3")].startswith("longer than --max-seconds 12.5")
+    too_long = str(genre_folder / "arpeggio" / "arpeggio 3.mp3")  # 13 s
+    assert sorted(rejects) == sorted([too_long, poison])
+    assert rejects[too_long].startswith("longer than --max-seconds 12.5")
+    # a track that kills every worker it meets is tried WORKER_RETRIES times, then rejected: the job ends
+    assert rejects[poison].startswith(f"its worker died {preprocess.WORKER_RETRIES} times while making its images")
+    assert len(os.listdir(tmp_path / "deaths")) == preprocess.WORKER_RETRIES
     assert stats["tracks_read"] == stats["tracks_written"] + stats["tracks_rejected"] == 12
-    assert len({source for source, _ in keys}) == stats["tracks_written"] == 11 and victim in dict(keys)
+    assert len({source for source, _ in keys}) == stats["tracks_written"] == 10 and victim in dict(keys)
+
+
+def test_track_tries_count_dead_workers_only_and_leave_no_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from audiodiff.errors import BadAudioError
+    from audiodiff.preprocess import WORKER_RETRIES, TrackTries
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tries = TrackTries("run")
+
+    def worker_dies_on(source):
+        pid = os.fork()  # the child only touches files, then exits as a crashed worker would
+        if pid == 0:
+            with tries.track(source):
+                os._exit(1)
+        os.waitpid(pid, 0)
+
+    # WORKER_RETRIES - 1 workers died on the track, and another worker is making it right now (the track was given
+    # twice): that one is no death, so this try goes ahead
+    started, release = os.pipe(), os.pipe()
+    other = os.fork()
+    if other == 0:
+        with tries.track("track"):
+            os.write(started[1], b"x")
+            os.read(release[0], 1)
+        os._exit(0)
+    os.read(started[0], 1)
+    for _ in range(WORKER_RETRIES - 1):
+        worker_dies_on("track")
+    with tries.track("track"):
+        pass
+    os.write(release[1], b"x")
+    os.waitpid(other, 0)
+    # a success forgets the deaths before it; WORKER_RETRIES deaths in a row make the track a reject
+    for _ in range(WORKER_RETRIES):
+        worker_dies_on("track")
+    with pytest.raises(BadAudioError, match=f"its worker died {WORKER_RETRIES} times"):
+        with tries.track("track"):
+            pass
+    assert os.listdir(tries.folder) == []
 
 
 def test_a_long_track_is_cut_block_by_block_into_the_images_of_the_whole_track(tmp_path):
