@@ -87,3 +87,61 @@ def local_ray(s3_endpoint):
     init_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """The node's model cache (audiodiff.models.model_cache) in the session's temporary folder, not the user's
+    ~/.cache; set first, before any Ray starts, so that its workers share it as a node's processes do."""
+    folder = str(tmp_path_factory.mktemp("model-cache"))
+    saved = os.environ.get("AUDIODIFF_MODEL_CACHE")
+    os.environ["AUDIODIFF_MODEL_CACHE"] = folder
+    yield folder
+    os.environ.pop("AUDIODIFF_MODEL_CACHE") if saved is None else os.environ.__setitem__("AUDIODIFF_MODEL_CACHE", saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_pipeline_folder(tmp_path_factory):
+    """A latent AudioDiffusionPipeline saved by diffusers itself: a 2-block AutoencoderKL (64x64 images <->
+    4x32x32 latents), a UNet2DModel on its latents, a 64x64 mel and DDIM."""
+    import torch
+    from diffusers import AudioDiffusionPipeline, AutoencoderKL, DDIMScheduler, Mel, UNet2DModel
+
+    folder = tmp_path_factory.mktemp("tiny-latent") / "model"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vqvae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                              layers_per_block=1, norm_num_groups=4, sample_size=64)
+        unet = UNet2DModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                           block_out_channels=(16, 32), norm_num_groups=8,
+                           down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    AudioDiffusionPipeline(vqvae=vqvae, unet=unet, mel=Mel(x_res=64, y_res=64),
+                           scheduler=DDIMScheduler()).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_conditional_pipeline_folder(tmp_path_factory):
+    """A genre-conditioned AudioDiffusionPipeline saved by diffusers itself with pickled .bin weights: a
+    UNet2DConditionModel (cross_attention_dim 8) on 64x64 images, a 64x64 mel and DDPM; plus audiodiff's
+    conditioning/ with the genres "jazz" and "rock"."""
+    import torch
+    from diffusers import AudioDiffusionPipeline, DDPMScheduler, Mel, UNet2DConditionModel
+
+    from audiodiff.models import Conditioning
+
+    folder = tmp_path_factory.mktemp("tiny-conditional") / "model"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # attention at 16x16 only, one head (diffusers reads this UNet's attention_head_dim as the number of heads)
+        unet = UNet2DConditionModel(sample_size=64, in_channels=1, out_channels=1, layers_per_block=1,
+                                    block_out_channels=(8, 16, 16), norm_num_groups=4, cross_attention_dim=8,
+                                    attention_head_dim=1,
+                                    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+        conditioning = Conditioning(names=["jazz", "rock"], vectors=torch.randn(2, 8), null=torch.randn(8))
+    AudioDiffusionPipeline(vqvae=None, unet=unet, mel=Mel(x_res=64, y_res=64),
+                           scheduler=DDPMScheduler()).save_pretrained(str(folder), safe_serialization=False)
+    conditioning.save_pretrained(str(folder / "conditioning"))
+    return str(folder)
