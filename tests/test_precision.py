@@ -1,0 +1,106 @@
+"""--precision: bf16 clips stay within a stated tolerance of fp32 ones, `auto` resolves as audiodiff.devices
+documents, and what cannot run well is refused before any work."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from audiodiff import devices, models, sampling
+from audiodiff.cli import build_parser
+from audiodiff.clips import WORK_SCHEMA, ClipMaker
+from audiodiff.encode import png_image
+from audiodiff.errors import AudiodiffError
+from audiodiff.generate import GenerateConfig, plan_clips
+from audiodiff.mel import MelCodec
+from audiodiff.synth import GENRES, synthesize
+from audiodiff.train import TrainConfig
+
+# Tolerance of a bf16 clip against the fp32 one of the same seed: the mean absolute difference over its pixels, in
+# grey levels of the 0..255 spectrogram. The vocoder's own round trip (image -> Griffin-Lim audio -> image) moves
+# an image by 2.6 grey levels on average (BENCHMARKS.md, tests/test_mel.py), and two clips of different seeds
+# differ by 25 to 40: a change under 1 is under half of what rendering the clip loses anyway. Measured on this
+# CPU (AVX512-BF16): 0.33 to 0.35 per clip on the model below, 0.43 to 0.91 on the demo's fine-tuned tiny model
+# (DDIM 4 to 50 steps, 8 clips).
+MEAN_GREY_LEVELS = 1.0
+# and few pixels move far: at most 1% of them by more than 8 grey levels (measured: none by more than 3 here, 7
+# on the demo's model)
+FAR, FAR_SHARE = 8, 0.01
+
+
+@pytest.fixture(scope="module")
+def fitted_model(tmp_path_factory):
+    """The tiny model after 6 AdamW steps on spectrograms of synthetic audio. Not an untrained one: its random
+    weights make deterministic DDIM chaotic, so a bf16 rounding grows to tens of grey levels over 10 steps
+    (measured: 8.9 mean), which says nothing about a model that has learned anything; 6 steps end that."""
+    parts = models.new_model("tiny")
+    codec = MelCodec(parts.mel)
+    data = sampling.to_model_space(torch.cat([codec.audio_to_images(synthesize(genre, 3.0, seed=seed))
+                                              for genre in GENRES for seed in range(2)]))
+    scheduler = models.make_scheduler("ddpm", parts)
+    optimizer = torch.optim.AdamW(parts.unet.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        clean = data[torch.randint(0, len(data), (4,), generator=generator)]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (4,), generator=generator)
+        F.mse_loss(parts.unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("model") / "fitted"
+    models.save_model(parts, str(folder))
+    return str(folder)
+
+
+def clips(model: str, precision: str, batch_size: int = 4) -> list[np.ndarray]:
+    """Four standard clips (DDIM 10 steps) through the actors' own code, in this process."""
+    config = GenerateConfig(model=model, output="unused", num_clips=4, scheduler="ddim", steps=10,
+                            batch_size=batch_size, precision=precision)
+    plan = [{**row, "starts": []} for row in plan_clips(config, models.load_model(model))]
+    maker = ClipMaker(config)
+    made = [png for i in range(0, len(plan), batch_size)
+            for png in maker(pa.Table.from_pylist(plan[i:i + batch_size], schema=WORK_SCHEMA))["png_bytes"]]
+    return [png_image(png).astype(int) for png in made]
+
+
+def test_bf16_clips_stay_within_a_grey_level_of_fp32_and_across_batch_sizes(fitted_model):
+    fp32, bf16, bf16_alone = (clips(fitted_model, "fp32"), clips(fitted_model, "bf16"),
+                              clips(fitted_model, "bf16", batch_size=1))
+    for reference, other in ((fp32, bf16), (bf16, bf16_alone)):
+        for a, b in zip(reference, other):
+            difference = np.abs(a - b)
+            print(f"mean {difference.mean():.3f} max {difference.max()} far {(difference > FAR).mean():.4f}")
+            assert difference.mean() <= MEAN_GREY_LEVELS and (difference > FAR).mean() <= FAR_SHARE
+    assert np.abs(fp32[0] - fp32[1]).mean() > 10 * MEAN_GREY_LEVELS  # clips of other seeds differ far more
+
+
+def test_auto_is_bf16_on_gpus_and_on_cpus_with_native_bf16_else_fp32(monkeypatch):
+    for native, on_cpu in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(devices, "native_bf16_cpu", lambda: native)
+        assert GenerateConfig(model="tiny", output="x").precision == on_cpu
+        assert GenerateConfig(model="tiny", output="x", gpu=True).precision == "bf16"
+        assert GenerateConfig(model="tiny", output="x", precision="fp32", gpu=True).precision == "fp32"
+        assert TrainConfig(data="d", model="tiny", output="o").precision == on_cpu
+        assert TrainConfig(data="d", model="tiny", output="o", gpu=True).precision == "bf16"
+        # generation.json records what the clips were made with, never "auto"
+        assert GenerateConfig(model="tiny", output="x").settings()["precision"] == on_cpu
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    monkeypatch.undo()
+    assert devices.native_bf16_cpu() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_fp16_on_cpu_fp16_training_and_unknown_precisions_are_refused():
+    with pytest.raises(AudiodiffError, match="fp16 runs on GPUs only"):
+        GenerateConfig(model="tiny", output="x", precision="fp16").check()
+    GenerateConfig(model="tiny", output="x", precision="fp16", gpu=True, concurrency=1)  # allowed with --gpu
+    with pytest.raises(AudiodiffError, match="loss scaling"):
+        TrainConfig(data="d", model="tiny", output="o", precision="fp16", gpu=True)
+    with pytest.raises(AudiodiffError, match="must be one of auto, fp32, bf16, fp16"):
+        GenerateConfig(model="tiny", output="x", precision="half").check()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "tiny", "--output", "x", "--precision", "half"])
+    assert build_parser().parse_args(["finetune", "--data", "d", "--model", "tiny", "--output", "o",
+                                      "--precision", "bf16"]).precision == "bf16"
