@@ -54,13 +54,16 @@ def _finetune_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
         "finetune", parents=[common], help="DDP fine-tuning of the UNet (Ray Train)",
         epilog="example:\n  audiodiff finetune --data out/spectrograms "
-               "--model teticio/audio-diffusion-instrumental-hiphop-256 --output out/model --epochs 3 --lr 1e-4",
+               "--model teticio/audio-diffusion-instrumental-hiphop-256 --output out/model --epochs 3 --lr 1e-4\n"
+               "  audiodiff finetune --data out/spectrograms --model full --condition genre --output out/genres",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="spectrogram dataset (ours or teticio's), path or URI")
     p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
     p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast of the forward pass (default: auto, bf16 on GPUs and on CPUs with native bf16)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per worker")
     p.add_argument("--cpus-per-worker", type=float,
@@ -76,6 +79,10 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--num-samples", type=int, help="clips per sample step (default: 8)")
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the samples (default: 20)")
     p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
+    p.add_argument("--condition", choices=("genre",),
+                   help="train one model for every genre of the data, steered at generation by --genre")
+    p.add_argument("--label-dropout", type=float,
+                   help="with --condition: share of images trained unconditioned, for --guidance (default: 0.1)")
     p.add_argument("--seed", type=int, help="data order, noise and timesteps (default: 0)")
     p.add_argument("--stream", action="store_true", help="stream the data even if it fits in the object store")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
@@ -108,7 +115,14 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     sampler.add_argument("--batch-size", type=int, help="clips (or slices) denoised together")
     sampler.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
     sampler.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    sampler.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                         help="of the denoising (default: auto, bf16 on GPUs and on CPUs with native bf16, else fp32)")
     sampler.add_argument("--target-dbfs", type=float, help="peak level of each saved clip")
+    conditions = p.add_argument_group("conditional models (each clip is made once per genre or encoding)")
+    conditions.add_argument("--genre", action="append", dest="genres",
+                            help="a genre of a model fine-tuned with --condition genre (repeatable)")
+    conditions.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 1, none)")
+    conditions.add_argument("--encodings", help="a .parquet (name, encoding) or .safetensors file of named encodings")
     return p
 
 
@@ -206,6 +220,9 @@ def _evaluate_parser(subparsers, common) -> None:
     p.add_argument("--embedding",
                    help="mel (built in, the default) or a TorchScript module (path or URI) mapping audio to vectors")
     p.add_argument("--output", help="also write the result here as JSON (path or URI)")
+    p.add_argument("--by-genre", action="store_true",
+                   help="also each genre's clips against each genre's reference (genres from the manifest, the "
+                        "dataset, or the audio files' folders)")
 
 
 def _run_evaluate(args) -> None:

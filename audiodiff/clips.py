@@ -25,11 +25,12 @@ import torch
 from diffusers import DDIMScheduler
 from ray.data.expressions import col
 
-from audiodiff import sampling, storage
+from audiodiff import devices, sampling, storage
+from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, is_silent
-from audiodiff.models import check_scheduler, load_model, make_scheduler
+from audiodiff.models import check_scheduler, load_model, make_scheduler, model_identity
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, encode_clip, finished_clips, \
     write_manifest_and_gallery
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, require_gpus, worker_errors
@@ -51,8 +52,15 @@ class ClipSettings:
     batch_size: int = 4
     concurrency: int = 1
     gpu: bool = False
+    precision: str = "auto"  # fp32, bf16 or fp16; auto is resolved here, on the driver (audiodiff.devices)
     target_dbfs: float = PEAK_DBFS
     shared_path: bool = False  # a local output that every node of a multi-node cluster mounts
+    genres: list[str] = dataclasses.field(default_factory=list)  # each clip once per genre (audiodiff.conditioning)
+    encodings: str | None = None  # or once per encoding in this file
+    guidance: float = 1.0  # classifier-free guidance scale (1: none)
+
+    def __post_init__(self):
+        self.precision = devices.resolve_precision(self.precision, self.gpu)
 
     @property
     def num_steps(self) -> int:
@@ -60,12 +68,16 @@ class ClipSettings:
 
     def settings(self) -> dict:
         """What a clip depends on; clips under one output must share it (`generation.json`)."""
+        conditions = {"genres": self.genres, "guidance": self.guidance} if self.genres else {}
+        if self.encodings:
+            conditions = {"encodings": self.encodings, "guidance": self.guidance}
         return {"model": self.model, "scheduler": self.scheduler, "steps": self.num_steps, "eta": self.eta,
-                "seed": self.seed, "target_dbfs": self.target_dbfs}
+                "seed": self.seed, "target_dbfs": self.target_dbfs, "precision": self.precision, **conditions}
 
     def check(self) -> None:
         """The checks that need no model and no data, made before any work starts."""
         check_scheduler(self.scheduler)
+        devices.check_precision(self.precision, self.gpu)
         if self.batch_size < 1 or self.concurrency < 1:
             raise AudiodiffError("--batch-size and --concurrency must be at least 1")
         if self.steps is not None and self.steps < 1:
@@ -87,8 +99,12 @@ class ClipMaker:
     def __init__(self, config: ClipSettings, overlap: float | None = None):
         self.config = config
         self.device = torch.device("cuda" if config.gpu else "cpu")
+        devices.use_cpus_given()
         parts = load_model(config.model)
-        self.unet = parts.unet.to(self.device).eval()
+        self.unet = devices.for_inference(parts.unet, self.device, config.precision)
+        self.vqvae = parts.vqvae.to(self.device).eval() if parts.vqvae is not None else None
+        self.conditioning = parts.conditioning
+        self.encodings = read_encodings(config.encodings) if config.encodings else {}
         self.scheduler = make_scheduler(config.scheduler, parts)
         self.codec = MelCodec(parts.mel, device=self.device)
         self.overlap = parts.mel.frames_in(overlap) if overlap is not None else None
@@ -99,10 +115,12 @@ class ClipMaker:
                "wav_bytes": np.empty(len(rows), object), "png_bytes": np.empty(len(rows), object)}
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault((row["kind"], row["frames"], row["strength"], len(row["starts"])), []).append(i)
+            key = (row["kind"], row["frames"], row["strength"], len(row["starts"]), row["genre"], row["encoding"])
+            groups.setdefault(key, []).append(i)
         mel = self.codec.config
         for members in groups.values():
-            images = self._images([rows[i] for i in members])
+            with devices.autocast(self.device, self.config.precision):  # the denoising; the vocoder stays fp32
+                images = self._images([rows[i] for i in members])
             audio = self.codec.images_to_audio(images).cpu().numpy()
             for i, image, clip in zip(members, images.cpu().numpy(), audio):
                 clip = clip[:round(rows[i]["seconds"] * mel.sample_rate)]
@@ -115,18 +133,31 @@ class ClipMaker:
         kind, frames = rows[0]["kind"], rows[0]["frames"]
         generators = [torch.Generator().manual_seed(row["seed"]) for row in rows]
         height, window, steps = self.codec.config.y_res, self.codec.config.x_res, self.config.num_steps
+        options = self._options(rows[0])
         if kind == "interpolation":
-            return self._interpolated(rows, generators)
+            return self._interpolated(rows, generators, options)
         if kind in ("long", "continuation"):
             first = _decode([row["starts"][0] for row in rows]) if kind == "continuation" else None
             return sampling.continue_images(self.unet, self.scheduler, generators, height, window, frames,
                                             self.overlap, steps, edge=self.codec.config.edge_frames, first=first,
-                                            eta=self.config.eta)
+                                            **options)
         if not rows[0]["starts"]:
-            return sampling.sample(self.unet, self.scheduler, generators, height, frames, steps, eta=self.config.eta)
-        return self._remixed(rows)
+            return sampling.sample(self.unet, self.scheduler, generators, height, frames, steps, **options)
+        return self._remixed(rows, options)
 
-    def _remixed(self, rows: list[dict]) -> torch.Tensor:
+    def _options(self, row: dict) -> dict:
+        """The sampler's options for a row's clips: eta, a latent model's autoencoder, and what the clips are
+        conditioned on (a genre model without a genre gets its null vector: unconditioned clips)."""
+        options = {"eta": self.config.eta, "vqvae": self.vqvae}
+        if row["encoding"] is not None:
+            options["encoding"] = self.encodings[row["encoding"]]
+        elif self.conditioning is not None:
+            options["encoding"] = self.conditioning.encoding(row["genre"])
+            if row["genre"] is not None and self.config.guidance != 1.0:
+                options |= {"null_encoding": self.conditioning.encoding(None), "guidance": self.config.guidance}
+        return options
+
+    def _remixed(self, rows: list[dict], options: dict) -> torch.Tensor:
         """Every slice of every row from its input, `batch_size` slices at a time; each row's slices joined."""
         inputs = _decode([png for row in rows for png in row["starts"]])
         owner = [i for i, row in enumerate(rows) for _ in row["starts"]]
@@ -141,21 +172,22 @@ class ClipMaker:
             generators = [torch.Generator().manual_seed(rows[owner[j]]["seed"]) for j in chunk.tolist()]
             outputs[chunk] = sampling.sample(
                 self.unet, self.scheduler, generators, mel.y_res, mel.x_res, self.config.num_steps,
-                eta=self.config.eta, start=inputs[chunk], strength=rows[0]["strength"],
-                keep=keep[chunk] if keep[chunk].any() else None).cpu()
+                start=inputs[chunk], strength=rows[0]["strength"], keep=keep[chunk] if keep[chunk].any() else None,
+                **options).cpu()
         return torch.stack([torch.cat(list(slices), dim=-1) for slices in outputs.split(len(rows[0]["starts"]))])
 
-    def _interpolated(self, rows: list[dict], generators: list[torch.Generator]) -> torch.Tensor:
+    def _interpolated(self, rows: list[dict], generators: list[torch.Generator], options: dict) -> torch.Tensor:
         # the inversion runs the unclipped DDIM update backwards, so sampling from its noise must not clip either
         scheduler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
         pngs = list(dict.fromkeys(png for row in rows for png in row["starts"]))
-        noise = sampling.invert(self.unet, scheduler, _decode(pngs), self.config.num_steps)
+        noise = sampling.invert(self.unet, scheduler, _decode(pngs), self.config.num_steps,
+                                encoding=options.get("encoding"), vqvae=self.vqvae)
         start = {png: noise[i] for i, png in enumerate(pngs)}
         mixed = torch.stack([sampling.slerp(start[row["starts"][0]], start[row["starts"][1]], row["position"])
                              for row in rows])
         mel = self.codec.config
         return sampling.sample(self.unet, scheduler, generators, mel.y_res, rows[0]["frames"], self.config.num_steps,
-                               eta=self.config.eta, noise=mixed)
+                               noise=mixed, **options)
 
 
 def _decode(pngs: list[bytes]) -> torch.Tensor:
@@ -167,7 +199,7 @@ def check_output(config: ClipSettings) -> None:
     settings; the first write also proves the output is writable before any work starts."""
     check_output_reachable(config.output, config.shared_path)
     path = storage.join(config.output, "generation.json")
-    settings = config.settings()
+    settings = {**config.settings(), "weights": model_identity(config.model)}  # the model by its files, not its name
     if storage.exists(path):
         previous = json.loads(storage.read_bytes(path))
         if previous != settings:
@@ -202,10 +234,14 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index}
 
 
-def work_dataset(rows: list[dict]) -> ray.data.Dataset:
+def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
     """Planned clips held by the driver (with their `starts`) as a dataset, widest last so that batches
-    mostly hold clips of one width."""
-    return ray.data.from_arrow(pa.Table.from_pylist(sorted(rows, key=lambda r: r["frames"]), schema=WORK_SCHEMA))
+    mostly hold clips of one width; in blocks of whole batches, a few per actor, so that every actor gets work
+    (one block would go to one actor) without a Ray task per batch."""
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["frames"]), schema=WORK_SCHEMA)
+    batches = -(-table.num_rows // config.batch_size)
+    size = config.batch_size * max(1, -(-batches // (4 * config.concurrency)))
+    return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)] or [table])
 
 
 def summary_line(stage: str, result: dict) -> str:

@@ -55,9 +55,10 @@ DYNAMICS_BANDS = 16
 WINDOW_FRAMES = 16
 MEL_DIM = LEVEL_BANDS + 2 * DYNAMICS_BANDS
 DEFAULT_SAMPLE_RATE = 16000  # for an embedding module without a `sample_rate` attribute (VGGish's rate)
-_ITEMS = pa.schema([("side", pa.string()), ("source", pa.string()), ("data", pa.binary()), ("is_image", pa.bool_())])
+_ITEMS = pa.schema([("side", pa.string()), ("source", pa.string()), ("data", pa.binary()), ("is_image", pa.bool_()),
+                    ("genre", pa.string())])
 _VECTORS = pa.schema([("side", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                      ("vectors", pa.list_(pa.list_(pa.float32())))])
+                      ("vectors", pa.list_(pa.list_(pa.float32()))), ("genre", pa.string())])
 
 
 @dataclasses.dataclass
@@ -66,6 +67,7 @@ class EvaluateConfig:
     reference: str
     embedding: str = "mel"  # "mel", or the path or URI of a TorchScript embedding module
     output: str | None = None  # where the result goes as JSON
+    by_genre: bool = False  # also the distance of each genre's clips to each genre's reference
 
 
 # the pure functions
@@ -211,7 +213,7 @@ class _Embedder:
                 for i in images:
                     reasons[i] = _reason(e)
         return pa.table({"side": batch["side"], "source": sources, "reason": reasons,
-                         "vectors": [list(v) for v in vectors]}, schema=_VECTORS)
+                         "vectors": [list(v) for v in vectors], "genre": batch["genre"]}, schema=_VECTORS)
 
     def _decode(self, png: bytes, source: str) -> np.ndarray:
         try:
@@ -240,6 +242,7 @@ class _Side:
     unit: str  # what an item is: "clips" (generate output), "files" (audio) or "slices" (spectrograms)
     files: list[str]
     mel: MelConfig | None = None
+    genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
 
 
 def _open_side(name: str, uri: str) -> _Side:
@@ -260,17 +263,22 @@ def _open_side(name: str, uri: str) -> _Side:
         return _Side(name, uri, "slices", parts, mel)
     if storage.exists(manifest):
         try:
-            wavs = pq.read_table(io.BytesIO(storage.read_bytes(manifest)), columns=["wav"])["wav"].to_pylist()
+            table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
+            wavs = table["wav"].to_pylist()
         except (OSError, pa.ArrowInvalid, KeyError) as e:
             raise AudiodiffError(f"--{name} {manifest}: not a generate manifest with a 'wav' column ({e})") from None
         if not wavs:
             raise AudiodiffError(f"--{name} {manifest}: lists no clips")
-        return _Side(name, uri, "clips", [storage.join(uri, *wav.split("/")) for wav in wavs])
+        files = [storage.join(uri, *wav.split("/")) for wav in wavs]
+        genres = table["genre"].to_pylist() if "genre" in table.column_names else [None] * len(files)
+        return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g})
     files = storage.list_files(uri, AUDIO_EXTENSIONS) if storage.is_dir(uri) else [uri]
     if not files:
         raise AudiodiffError(f"--{name} {uri}: no audio files ({', '.join(AUDIO_EXTENSIONS)}), generate output "
                              "(manifest.parquet) or spectrogram dataset (mel_config.json) there")
-    return _Side(name, uri, "files", files)
+    # a folder of audio: a file's genre is the name of its folder under `uri`, as preprocess --genre-from-folder
+    below = {f: f[len(uri.rstrip("/")) + 1:].split("/") for f in files}
+    return _Side(name, uri, "files", files, genres={f: parts[-2] for f, parts in below.items() if len(parts) > 1})
 
 
 def _evaluation_mel(sides: list[_Side]) -> MelConfig:
@@ -292,11 +300,12 @@ def _items(side: _Side) -> ray.data.Dataset:
     paths = [storage.resolve(f)[1] for f in side.files]
     if side.unit == "slices":
         rows = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
+        has_genre = "genre" in pq.read_schema(paths[0], filesystem=fs).names
         items = {"source": col("image").struct.field("path"), "data": col("image").struct.field("bytes"),
-                 "is_image": lit(True)}
-    else:
+                 "is_image": lit(True), "genre": col("genre") if has_genre else lit("")}
+    else:  # the genres of files are the side's own (`_Side.genres`), set on the driver
         rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=LIGHT_CPUS)
-        items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False)}
+        items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False), "genre": lit("")}
     return rows.with_columns({"side": lit(side.name), **items}, num_cpus=LIGHT_CPUS).select_columns(_ITEMS.names)
 
 
@@ -318,17 +327,33 @@ def _embed_with_mel(batch: pa.Table, mel: MelConfig) -> pa.Table:
     return _Embedder(None, mel, "mel")(batch)
 
 
-def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, dict, list[dict]]:
-    """One side's rows (one per item) -> its vectors [n, dim], its summary, and its rejects (sources named
-    by the URIs given)."""
+def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, dict, list[dict]]:
+    """One side's rows (one per item) -> its vectors [n, dim], each vector's genre ("" for none), its summary,
+    and its rejects (sources named by the URIs given)."""
     rows = rows.filter(pc.equal(rows["side"], side.name))
     per_vector = rows["vectors"].combine_chunks().flatten()
     values = np.asarray(per_vector.flatten(), dtype=np.float32)
     vectors = values.reshape(len(per_vector), -1) if len(per_vector) else values.reshape(0, 0)
     uris = {storage.resolve(f)[1]: f for f in side.files}
+    item_genres = [genre or side.genres.get(uris.get(source), "")
+                   for source, genre in zip(rows["source"].to_pylist(), rows["genre"].to_pylist())]
+    counts = [len(v) for v in rows["vectors"].to_pylist()]
+    genres = np.repeat(np.array(item_genres, dtype=object), counts) if counts else np.array([], dtype=object)
     rejected = [{"side": side.name, "source": uris.get(r["source"], r["source"]), "reason": r["reason"]}
                 for r in rows.filter(pc.is_valid(rows["reason"])).select(["source", "reason"]).to_pylist()]
-    return vectors, {"uri": side.uri, "unit": side.unit, "items": len(rows), "vectors": len(vectors)}, rejected
+    summary = {"uri": side.uri, "unit": side.unit, "items": len(rows), "vectors": len(vectors)}
+    return vectors, genres, summary, rejected
+
+
+def by_genre(clips: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]) -> dict:
+    """{clips' genre: {reference's genre: Fréchet distance}} over the genres with at least 2 vectors on a side."""
+    def groups(vectors, genres):
+        return {g: vectors[genres == g] for g in sorted(set(genres) - {""}) if (genres == g).sum() >= 2}
+
+    ours, theirs = groups(*clips), groups(*reference)
+    statistics = {g: embedding_statistics(v) for g, v in theirs.items()}
+    return {g: {r: frechet_distance(*embedding_statistics(v), *statistics[r]) for r in theirs}
+            for g, v in ours.items()}
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
@@ -342,9 +367,10 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if model is not None:  # a module that does not load or gives the wrong shape stops here, before any worker
         _ScriptedEmbedding(model, mel, config.embedding).of_audio(np.zeros(1, np.float32))
     rows = _embed(sides, model, mel, config.embedding)
-    summaries, statistics, rejected = {}, [], []
+    summaries, statistics, rejected, labelled = {}, [], [], []
     for side in sides:
-        vectors, summaries[side.name], side_rejected = _side_vectors(rows, side)
+        vectors, genres, summaries[side.name], side_rejected = _side_vectors(rows, side)
+        labelled.append((vectors, genres))
         rejected += side_rejected
         if len(vectors) < 2:
             reasons = "; ".join(f"{r['source']}: {r['reason']}" for r in side_rejected[:3])
@@ -353,6 +379,12 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         statistics.append(embedding_statistics(vectors))
     result = {"frechet_distance": frechet_distance(*statistics[0], *statistics[1]), "embedding": config.embedding,
               "mel_config": dataclasses.asdict(mel), **summaries, "rejected": rejected}
+    if config.by_genre:
+        result["by_genre"] = by_genre(*labelled)
+        if not result["by_genre"]:
+            raise AudiodiffError(f"--by-genre: no genre has clips in {config.clips} and reference in "
+                                 f"{config.reference} (genres come from the manifest's genre column, a dataset's "
+                                 "genre column or an audio file's folder)")
     if config.output:
         storage.write_bytes(config.output, (json.dumps(result, indent=2) + "\n").encode())
     return result
@@ -361,6 +393,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 def summary_line(result: dict, config: EvaluateConfig) -> str:
     clips, reference = result["clips"], result["reference"]
     rejected = f", {len(result['rejected'])} files rejected" if result["rejected"] else ""
+    matrix = "".join(f"\n  {genre} clips to reference " + ", ".join(f"{r} {d:.2f}" for r, d in row.items())
+                     for genre, row in result.get("by_genre", {}).items())
     return (f"evaluate: Fréchet distance {result['frechet_distance']:.2f} ({config.embedding} embedding) between "
             f"{clips['items']} {clips['unit']} and {reference['items']} reference {reference['unit']}{rejected}"
-            + (f" -> {config.output}" if config.output else ""))
+            + (f" -> {config.output}" if config.output else "") + matrix)

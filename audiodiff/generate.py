@@ -4,7 +4,7 @@
 wide, extended ones `extend_factor` windows; with `seconds`, the standard clips are long ones instead, made
 window after window, each outpainted from the last `overlap` seconds of the one before.
 
-A clip depends only on (model, its seed, kind, scheduler, steps, eta): its starting noise and every noise
+A clip depends only on (model, its seed, kind, scheduler, steps, eta, what it is conditioned on): its starting noise and every noise
 draw of the sampler come from its own generator (audiodiff.sampling). Batched float kernels round
 differently at different batch sizes, so across batch sizes a clip agrees up to that rounding (at most one
 grey level on a small fraction of pixels), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
@@ -16,6 +16,7 @@ import dataclasses
 
 from audiodiff.clips import ClipSettings, check_output, clip_seed, make_clips, work_dataset
 from audiodiff.clips import summary_line as clips_summary
+from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
 from audiodiff.models import PipelineParts, load_model
@@ -39,12 +40,13 @@ class GenerateConfig(ClipSettings):
 
 def extended_frames(parts: PipelineParts, factor: float) -> int:
     """Width of an extended clip, checked against the UNet's downsampling."""
-    downsampling = 2 ** (len(parts.unet.config.block_out_channels) - 1)
+    halvings = len(parts.unet.config.block_out_channels) - 1
+    if parts.vqvae is not None:
+        halvings += len(parts.vqvae.config.block_out_channels) - 1
     frames = parts.mel.x_res * factor
-    if not float(frames).is_integer() or int(frames) % downsampling:
-        raise AudiodiffError(f"--extend-factor {factor} gives {frames:g} frames; the UNet halves the width "
-                             f"{len(parts.unet.config.block_out_channels) - 1} times, so the width must be a "
-                             f"whole multiple of {downsampling}")
+    if not float(frames).is_integer() or int(frames) % 2 ** halvings:
+        raise AudiodiffError(f"--extend-factor {factor} gives {frames:g} frames; the model halves the width "
+                             f"{halvings} times, so the width must be a whole multiple of {2 ** halvings}")
     return int(frames)
 
 
@@ -73,7 +75,7 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
         for index in range(count):
             rows.append(clip_row(f"{kind}-{index:05d}", clip_seed(config.seed, KINDS.index(kind), index), kind,
                                  frames, mel, config.scheduler, config.num_steps, config.model, **columns))
-    return rows
+    return conditioned(rows, *condition_names(config.genres, config.encodings))
 
 
 def run_generate(config: GenerateConfig) -> dict:
@@ -82,12 +84,11 @@ def run_generate(config: GenerateConfig) -> dict:
     if config.num_clips < 0 or config.num_extended < 0 or config.num_clips + config.num_extended == 0:
         raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
-    if parts.vqvae is not None:
-        raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by generate")
+    check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     plan = plan_clips(config, parts)
     check_output(config)
     title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler}, {config.num_steps} steps)"
-    return make_clips(config, plan, work_dataset(plan), title, overlap=config.overlap)
+    return make_clips(config, plan, work_dataset(plan, config), title, overlap=config.overlap)
 
 
 def summary_line(result: dict) -> str:

@@ -28,6 +28,8 @@ MANIFEST_SCHEMA = pa.schema([
     # interpolation), and the files of the input as rendered beside its outputs
     ("source", pa.string()), ("slice", pa.int32()), ("strength", pa.float64()), ("keep_start", pa.float64()),
     ("keep_end", pa.float64()), ("position", pa.float64()), ("input_wav", pa.string()), ("input_png", pa.string()),
+    # a conditional model's clips: the genre, or the name of the encoding from an --encodings file
+    ("genre", pa.string()), ("encoding", pa.string()),
 ])
 
 

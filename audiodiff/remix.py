@@ -22,6 +22,7 @@ import ray
 
 from audiodiff import storage
 from audiodiff.clips import WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
+from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.dataset import write_rejects
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError
@@ -180,8 +181,9 @@ def run_interpolate(config: InterpolateConfig) -> dict:
         rows.append({**clip_row(f"interpolation-{i:03d}", clip_seed(config.seed, i), "interpolation", mel.x_res,
                                 mel, config.scheduler, config.num_steps, config.model,
                                 position=i / (config.points - 1)), "starts": pair})
+    rows = conditioned(rows, *condition_names(config.genres, config.encodings))
     plan = [{k: v for k, v in row.items() if k != "starts"} for row in rows]
-    return make_clips(config, plan, work_dataset(rows),
+    return make_clips(config, plan, work_dataset(rows, config),
                       f"audiodiff interpolate: {config.sources[0]} to {config.sources[1]}")
 
 
@@ -205,8 +207,7 @@ def _start(config: ClipSettings) -> PipelineParts:
     if not config.sources:
         raise AudiodiffError("give at least one SOURCE")
     parts = load_model(config.model)
-    if parts.vqvae is not None:
-        raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported yet")
+    check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     return parts
 
 
@@ -226,10 +227,12 @@ def _run(config: ClipSettings, parts: PipelineParts, rows_of_track, title: str, 
     tracks = sorted(made.drop_columns(["pngs"]).take_all(), key=lambda t: t["source"])
     rejects = [{"source": t["source"], "reason": t["reason"]} for t in tracks if t["reason"]]
     write_rejects(config.output, rejects)
-    plan = [row for track in tracks if not track["reason"] for row in rows_of_track(track)]
+    conditions = condition_names(config.genres, config.encodings)
+    plan = [row for track in tracks if not track["reason"] for row in conditioned(rows_of_track(track), *conditions)]
 
     def work(batch: pa.Table) -> pa.Table:
-        rows = [row for track in batch.to_pylist() if not track["reason"] for row in rows_of_track(track)]
+        rows = [row for track in batch.to_pylist() if not track["reason"]
+                for row in conditioned(rows_of_track(track), *conditions)]
         return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
     result = make_clips(config, plan, made.map_batches(work, batch_format="pyarrow", batch_size=1, num_cpus=LIGHT_CPUS), title, overlap)

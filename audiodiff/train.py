@@ -40,23 +40,24 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
 from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
-from audiodiff import evaluate, sampling, storage
+from audiodiff import devices, evaluate, sampling, storage
 from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
-from audiodiff.models import PipelineParts, load_model, make_scheduler, save_model
+from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
-from audiodiff.runtime import (LIGHT_CPUS, check_output_reachable, cluster_capacity, largest_node, require_gpus,
+from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, largest_node, require_gpus,
                                smallest_object_store)
 
 RUN_NAME = "finetune"
+GENRES_STATE = "genres.pt"  # a genre model's checkpointed vectors and their EMA
 LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
 WARMUP_FRACTION = 0.1  # the default warm-up: at most this share of the run (and at most 500 steps)
 HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the quality figure
@@ -77,6 +78,7 @@ class TrainConfig:
     output: str
     num_workers: int = 1
     gpu: bool = False
+    precision: str = "auto"  # autocast of the forward pass; auto is resolved here, on the driver
     cpus_per_worker: float | None = None  # default: 1 with --gpu; else the CPUs left once data is ready
     epochs: int = 3
     batch_size: int = 4  # per worker
@@ -96,11 +98,20 @@ class TrainConfig:
     sample_steps: int = 20  # DDIM steps of the samples
     seed: int = 0
     genres: list[str] = dataclasses.field(default_factory=list)
+    condition: str | None = None  # "genre": one model for every genre of the data, steerable by --genre
+    label_dropout: float = 0.1  # share of images trained with the null vector (classifier-free guidance)
     stream: bool = False  # stream the data even if it would fit in the object store
     resume: bool = False
     stop_at_step: int | None = None  # end this run there (checkpointed); --resume continues it
     max_failures: int = 0
     shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
+
+    def __post_init__(self):
+        self.precision = devices.resolve_precision(self.precision, self.gpu)  # the rule: audiodiff.devices
+        devices.check_precision(self.precision, self.gpu)
+        if self.precision == "fp16":
+            raise AudiodiffError("--precision fp16 trains only with loss scaling, which finetune does not do; use bf16 "
+                                 "(the default with --gpu) or fp32")
 
     @property
     def checkpoints(self) -> str:
@@ -118,8 +129,9 @@ class RunPlan:
     warmup_steps: int
     cpus: float  # per worker
     in_memory: bool
-    blocks: list | None  # refs of uint8 [n, height, width] when the data is held in the object store
+    blocks: list | None  # refs of {column: array} blocks when the data is held in the object store
     holdout: object  # ref of uint8 [n, height, width]
+    genres: list[str] | None = None  # a genre model's genres, in the order of their vectors (then the null one)
 
     @property
     def threads(self) -> int:
@@ -133,22 +145,58 @@ def _row_key(audio_file: str, slice_index: int) -> str:
     return f"{audio_file}#{slice_index}"
 
 
-def _holdout_keys(dataset: ray.data.Dataset) -> set[str]:
+def _holdout_keys(rows: list[dict]) -> set[str]:
     """The rows kept out of training: the smallest hashes of (audio_file, slice), a fixed share of the data."""
-    keys = [_row_key(r["audio_file"], r["slice"]) for r in dataset.select_columns(["audio_file", "slice"]).take_all()]
+    keys = [_row_key(r["audio_file"], r["slice"]) for r in rows]
     count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
 
-def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool) -> ray.data.Dataset:
-    """The decoded images of the rows whose key is (or is not) in `keys`."""
+def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool, genres: list[str] | None = None
+            ) -> ray.data.Dataset:
+    """The decoded images of the rows whose key is (or is not) in `keys`; with `genres`, each image's `label`
+    too: the index of its genre (`len(genres)`, the null vector's, for none)."""
     def flag(batch: pa.Table) -> pa.Table:
         held = [_row_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
         return batch.append_column("held_out", pa.array(held, pa.bool_()))
 
+    def decode_labelled(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = {genre: i for i, genre in enumerate(genres)}
+        return {**decode_images(batch), "label": np.array([index.get(g, len(genres)) for g in batch["genre"]])}
+
     flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     chosen = flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
-    return chosen.select_columns(["image"]).map_batches(decode_images, num_cpus=LIGHT_CPUS)
+    if genres is None:
+        return chosen.select_columns(["image"]).map_batches(decode_images, num_cpus=LIGHT_CPUS)
+    return chosen.select_columns(["image", "genre"]).map_batches(decode_labelled, num_cpus=LIGHT_CPUS)
+
+
+class LatentEncoder:
+    """A latent model's images -> their latent distributions (the VAE encoder's mean and log-variance, as
+    `latent`), computed once before training on the workers' devices; each step draws its latents from them,
+    as encoding every batch would (teticio's `train_unet.py --vae`), without running the encoder again."""
+
+    def __init__(self, model: str, gpu: bool):
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.vqvae = load_model(model).vqvae.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = sampling.to_model_space(torch.from_numpy(batch.pop("image")).to(self.device))
+        with torch.no_grad():
+            moments = self.vqvae.encode(images.to(self.vqvae.dtype)).latent_dist.parameters
+        return {**batch, "latent": moments.float().cpu().numpy()}
+
+
+def _genre_names(rows: list[dict], parts: PipelineParts, model: str) -> list[str]:
+    """A genre model's genres: those it was trained on, then the data's new ones."""
+    if parts.cross_attention_dim is None:
+        raise AudiodiffError(f"{model}: --condition genre needs a conditional UNet (UNet2DConditionModel); start from "
+                             "a preset (tiny, full) or a model fine-tuned with --condition genre")
+    known = parts.conditioning.names if parts.conditioning is not None else []
+    found = sorted({r["genre"] for r in rows if r.get("genre")} - set(known))
+    if not known and not found:
+        raise AudiodiffError(f"{model}: --condition genre, but the data has no genres (its genre column is empty)")
+    return [*known, *found]
 
 
 def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[str, ray.data.Dataset]]:
@@ -171,16 +219,27 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                  else f"{config.data}: the dataset is empty")
         if total_rows == 1:
             raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
-        dataset = dataset.select_columns(["image", "audio_file", "slice"])
-        keys = _holdout_keys(dataset)
+        if config.condition == "genre" and "genre" not in names:
+            raise AudiodiffError(f"{config.data}: --condition genre, but the data has no genre column")
+        keyed = ["audio_file", "slice"] + (["genre"] if config.condition == "genre" else [])
+        dataset = dataset.select_columns(["image", *keyed])
+        rows = dataset.select_columns(keyed).take_all()
+        keys = _holdout_keys(rows)
+        genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
         held = np.stack([row["image"] for row in _images(dataset, keys, True).take_all()])
-        train = _images(dataset, keys, False)
+        train = _images(dataset, keys, False, genres)
         fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
-        in_memory = fits and not config.stream
+        # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
+        in_memory = (fits and not config.stream) or parts.vqvae is not None
+        if parts.vqvae is not None:
+            train = train.map_batches(LatentEncoder, fn_constructor_args=(config.model, config.gpu),
+                                      batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
+                                      num_cpus=1 if config.gpu else ACTOR_CPUS,
+                                      compute=ray.data.ActorPoolStrategy(size=config.num_workers))
         datasets, blocks = {}, None
         if in_memory:
             train = train.materialize()
-            blocks = train.to_numpy_refs(column="image")
+            blocks = train.to_numpy_refs()
         else:
             datasets["train"] = train
     holdout = ray.put(held)
@@ -197,26 +256,30 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                       max(1, int(min(largest_node("CPU"), cluster_capacity("CPU") / config.num_workers)))
                                       if in_memory else 0.5)
     plan = RunPlan(rows=rows, holdout_rows=len(held), steps_per_epoch=steps_per_epoch, total_steps=total,
-                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout)
+                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout, genres=genres)
     return plan, datasets
 
 
 class InMemoryImages:
-    """The training images held in the object store, read zero-copy by every worker of a node."""
+    """The training images (or latents, and labels) held in the object store, read zero-copy by every worker of
+    a node."""
 
     def __init__(self, blocks: list):
         self.blocks = ray.get(blocks)
-        self.where = np.concatenate([np.stack([np.full(len(b), i), np.arange(len(b))], axis=1)
-                                     for i, b in enumerate(self.blocks)])  # image index -> (block, row)
+        sizes = [len(next(iter(block.values()))) for block in self.blocks]
+        self.where = np.concatenate([np.stack([np.full(n, i), np.arange(n)], axis=1)
+                                     for i, n in enumerate(sizes)])  # image index -> (block, row)
 
     def batches(self, c: TrainConfig, plan: RunPlan, rank: int, world: int, epoch: int, first_step: int):
-        """Rank `rank`'s micro-batches of one epoch from step `first_step` on: uint8 [batch, height, width]."""
+        """Rank `rank`'s micro-batches of one epoch from step `first_step` on: {column: array}, the images
+        uint8 [batch, height, width]."""
         order = np.random.default_rng([c.seed, epoch]).permutation(len(self.where))
         per_step = c.batch_size * world * c.grad_accum
         for step in range(first_step, plan.steps_per_epoch):
             chosen = order[step * per_step:(step + 1) * per_step].reshape(c.grad_accum, world, c.batch_size)[:, rank]
             for micro in chosen:
-                yield np.stack([self.blocks[b][r] for b, r in self.where[micro]])
+                yield {name: np.stack([self.blocks[b][name][r] for b, r in self.where[micro]])
+                       for name in self.blocks[0]}
 
 
 @contextlib.contextmanager
@@ -244,7 +307,7 @@ def _streamed_batches(c: TrainConfig, plan: RunPlan, rank: int, epoch: int, firs
         if index >= end:
             return
         if index >= skip:
-            yield batch["image"]
+            yield batch
     if index + 1 < end:  # every rank must make the same number of steps (each report is a barrier)
         raise RuntimeError(f"rank {rank}'s shard ran out after {index + 1} of {end} batches in epoch {epoch}")
 
@@ -257,6 +320,27 @@ def _micro_generator(seed: int, rank: int, micro: int, device: torch.device) -> 
 # the loop
 
 
+class GenreConditioned(torch.nn.Module):
+    """A conditional UNet with its learned genre vectors (the last one the null vector), trained as one module so
+    that DDP averages the vectors' gradients with the UNet's."""
+
+    def __init__(self, unet, vectors: torch.Tensor):
+        super().__init__()
+        self.unet, self.vectors = unet, torch.nn.Parameter(vectors)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
+        return self.unet(sample, timesteps, encoder_hidden_states=self.vectors[labels][:, None, :])
+
+
+def _initial_vectors(parts: PipelineParts, genres: list[str], seed: int) -> torch.Tensor:
+    """[genres + 1, dim]: the model's own vectors for the genres it knows, seeded random ones for new genres."""
+    vectors = torch.randn(len(genres) + 1, parts.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
+    if parts.conditioning is not None:
+        known = len(parts.conditioning.names)
+        vectors[:known], vectors[-1] = parts.conditioning.vectors, parts.conditioning.null
+    return vectors
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     c = TrainConfig(**loop_config["config"])
     plan: RunPlan = loop_config["plan"]
@@ -266,12 +350,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    parts = load_model(c.model)
+    parts = load_model(c.model, conditional=c.condition is not None)
     unet = parts.unet.to(device).train()
+    genre_model = GenreConditioned(unet, _initial_vectors(parts, plan.genres, c.seed)).to(device) if plan.genres else None
+    trained = genre_model or unet  # what the optimizer and DDP see
     noise_scheduler = make_scheduler("ddpm", parts)
-    ema = EMAModel(unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                   foreach=True, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+    ema_settings = dict(decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
+    ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_settings)
+    ema_vectors = EMAModel([genre_model.vectors], **ema_settings) if genre_model else None
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
                                   weight_decay=c.weight_decay)
     lr_schedule = get_scheduler(LR_SCHEDULES[c.lr_schedule], optimizer, num_warmup_steps=plan.warmup_steps,
                                 num_training_steps=plan.total_steps)
@@ -279,12 +366,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            step, history, ema = load_training_state(folder, unet, optimizer, lr_schedule)
+            step, history, ema = load_training_state(folder, unet, optimizer, lr_schedule, genre_model, ema_vectors)
     ema.to(device)
-    model = ray.train.torch.prepare_model(unet)
-    samples = Sampler(c, parts, unet, ema, plan, device) if rank == 0 else None
+    model = ray.train.torch.prepare_model(trained)
+    vqvae = parts.vqvae.to(device).eval() if parts.vqvae is not None else None
+    samples = Sampler(c, parts, unet, ema, ema_vectors, plan, device) if rank == 0 else None
     memory = InMemoryImages(plan.blocks) if plan.in_memory else None
-    bf16 = device.type == "cuda"
     stop = min(plan.total_steps, c.stop_at_step or plan.total_steps)
     loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
     while step < stop:
@@ -292,21 +379,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = (memory.batches(c, plan, rank, world, epoch, first) if plan.in_memory
                    else _streamed_batches(c, plan, rank, epoch, first))
         for micro, batch in enumerate(batches):
-            images = sampling.to_model_space(torch.from_numpy(batch).to(device, non_blocking=True))
             generator = _micro_generator(c.seed, rank, step * c.grad_accum + micro % c.grad_accum, device)
-            noise = torch.randn(images.shape, generator=generator, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
+            if vqvae is not None:  # a latent model: latents drawn from each image's cached distribution
+                moments = torch.from_numpy(batch["latent"]).to(device, non_blocking=True)
+                clean = DiagonalGaussianDistribution(moments).sample(generator) * vqvae.config.scaling_factor
+            else:
+                clean = sampling.to_model_space(torch.from_numpy(batch["image"]).to(device, non_blocking=True))
+            noise = torch.randn(clean.shape, generator=generator, device=device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                       generator=generator, device=device)
-            noisy = noise_scheduler.add_noise(images, noise, timesteps)
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            conditions = ()
+            if genre_model:  # label dropout: some images train the null vector, for classifier-free guidance
+                labels = torch.from_numpy(batch["label"]).to(device)
+                dropped = torch.rand(labels.shape, generator=generator, device=device) < c.label_dropout
+                conditions = (torch.where(dropped, len(plan.genres), labels),)
             accumulating = (micro + 1) % c.grad_accum != 0
             sync = model.no_sync() if accumulating and world > 1 else contextlib.nullcontext()
             with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    prediction = model(noisy, timesteps).sample
+                with devices.autocast(device, c.precision):
+                    prediction = model(noisy, timesteps, *conditions).sample
                 loss = F.mse_loss(prediction.float(), noise)
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach()
-            images_seen += images.shape[0]
+            images_seen += clean.shape[0]
             if accumulating:
                 continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
@@ -314,6 +410,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             ema.step(unet.parameters())
+            if ema_vectors:
+                ema_vectors.step([genre_model.vectors])
             step += 1
             logging_step = step % c.log_every == 0 or step == stop
             sample_step = step % c.sample_every == 0 or step == stop
@@ -335,7 +433,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 samples.log_scalars(metrics)
             with tempfile.TemporaryDirectory() as folder:
                 if checkpoint_step and rank == 0:
-                    save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c)
+                    save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c, genre_model,
+                                        ema_vectors)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
                                  if checkpoint_step and rank == 0 else None)
             loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
@@ -350,10 +449,13 @@ class Sampler:
     `OUTPUT/samples/step-<N>/` with a gallery, their quality figure against the held-out images, and
     TensorBoard events under `OUTPUT/logs/` (scalars, spectrograms, audio)."""
 
-    def __init__(self, c: TrainConfig, parts: PipelineParts, unet, ema, plan: RunPlan, device: torch.device):
+    def __init__(self, c: TrainConfig, parts: PipelineParts, unet, ema, ema_vectors, plan: RunPlan,
+                 device: torch.device):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.c, self.unet, self.ema, self.mel = c, unet, ema, parts.mel
+        self.c, self.unet, self.ema, self.ema_vectors, self.mel = c, unet, ema, ema_vectors, parts.mel
+        self.genres = plan.genres
+        self.vqvae = parts.vqvae
         self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
         self.codec = MelCodec(parts.mel, device=device)
         self.reference = evaluate.embedding_statistics(evaluate.mel_embedding(ray.get(plan.holdout), parts.mel))
@@ -363,20 +465,26 @@ class Sampler:
     def write(self, step: int) -> float:
         c, mel = self.c, self.mel
         seeds = list(range(c.num_samples))
+        genres = [self.genres[s % len(self.genres)] for s in seeds] if self.genres else [None] * len(seeds)
+        conditions = {}
+        if self.genres:  # the samples go round the genres, each from the EMA of its vector
+            vectors = self.ema_vectors.shadow_params[0]
+            conditions["encoding"] = vectors[[s % len(self.genres) for s in seeds]][:, None, :]
         self.ema.store(self.unet.parameters())
         self.ema.copy_to(self.unet.parameters())
         try:
             images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
-                                     mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA)
+                                     mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA, vqvae=self.vqvae,
+                                     **conditions)
         finally:
             self.ema.restore(self.unet.parameters())
         audio = self.codec.images_to_audio(images).cpu().numpy()
         images = images.cpu().numpy()
         folder = storage.join(c.output, "samples", f"step-{step}")
         rows = []
-        for seed, image, clip in zip(seeds, images, audio):
+        for seed, genre, image, clip in zip(seeds, genres, images, audio):
             row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, "ddim", c.sample_steps,
-                           f"{c.output} (EMA, step {step})")
+                           f"{c.output} (EMA, step {step})", genre=genre)
             write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, PEAK_DBFS))
             rows.append(row)
         distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
@@ -407,8 +515,12 @@ def result_settings(c: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(c).items() if k not in RESUMABLE_CHANGES}
 
 
-def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c: TrainConfig) -> None:
+def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c: TrainConfig,
+                        genre_model=None, ema_vectors=None) -> None:
     unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    if genre_model:
+        torch.save({"vectors": genre_model.vectors.detach().cpu(), "ema": ema_vectors.state_dict()},
+                   os.path.join(folder, GENRES_STATE))
     ema.save_pretrained(os.path.join(folder, "ema"))
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     torch.save(lr_schedule.state_dict(), os.path.join(folder, "lr_schedule.pt"))
@@ -416,17 +528,23 @@ def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history
         json.dump({"step": step, "config": result_settings(c), "history": history}, f)
 
 
-def load_training_state(folder, unet, optimizer, lr_schedule) -> tuple[int, list, EMAModel]:
-    unet.load_state_dict(UNet2DModel.from_pretrained(os.path.join(folder, "unet")).state_dict())
+def load_training_state(folder, unet, optimizer, lr_schedule, genre_model=None, ema_vectors=None
+                        ) -> tuple[int, list, EMAModel]:
+    unet.load_state_dict(type(unet).from_pretrained(os.path.join(folder, "unet")).state_dict())
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
-    ema = load_ema(folder)
+    ema = load_ema(folder, type(unet))
+    if genre_model:
+        genres = torch.load(os.path.join(folder, GENRES_STATE), weights_only=True)
+        with torch.no_grad():
+            genre_model.vectors.copy_(genres["vectors"])
+        ema_vectors.load_state_dict(genres["ema"])
     optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
     lr_schedule.load_state_dict(torch.load(os.path.join(folder, "lr_schedule.pt"), weights_only=True))
     return state["step"], state["history"], ema
 
 
-def load_ema(checkpoint_folder: str) -> EMAModel:
+def load_ema(checkpoint_folder: str, model_cls) -> EMAModel:
     """diffusers' EMAModel keeps its counters in the saved model's config, and loading it back warns (twice)
     that a UNet2DModel does not expect them: quiet, since nothing is wrong."""
     verbosity = diffusers_logging.get_verbosity()
@@ -434,7 +552,7 @@ def load_ema(checkpoint_folder: str) -> EMAModel:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return EMAModel.from_pretrained(os.path.join(checkpoint_folder, "ema"), UNet2DModel, foreach=True)
+            return EMAModel.from_pretrained(os.path.join(checkpoint_folder, "ema"), model_cls, foreach=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
@@ -470,11 +588,14 @@ def loss_curve_png(history: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str) -> list[dict]:
-    """Write the EMA weights as a pipeline folder (with the model's own scheduler class), with
-    metrics.jsonl and loss.png beside the components."""
+def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str, genres: list[str] | None) -> list[dict]:
+    """Write the EMA weights (and a genre model's EMA genre vectors) as a pipeline folder (with the model's own
+    scheduler class), with metrics.jsonl and loss.png beside the components."""
     with checkpoint.as_directory() as folder:
-        load_ema(folder).copy_to(parts.unet.parameters())
+        load_ema(folder, type(parts.unet)).copy_to(parts.unet.parameters())
+        if genres:
+            vectors = torch.load(os.path.join(folder, GENRES_STATE), weights_only=True)["ema"]["shadow_params"][0]
+            parts.conditioning = Conditioning(names=genres, vectors=vectors[:-1], null=vectors[-1])
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
     save_model(parts, output)
@@ -522,9 +643,13 @@ def run_finetune(config: TrainConfig) -> dict:
     config = dataclasses.replace(config, output=storage.absolute(config.output),
                                  model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)
     _check_resume(config)
-    parts = load_model(config.model)
-    if parts.vqvae is not None:
-        raise AudiodiffError(f"{config.model}: latent (VQ-VAE) models are not supported by finetune")
+    if config.condition not in (None, "genre"):
+        raise AudiodiffError(f"--condition must be 'genre', got '{config.condition}'")
+    if not 0 <= config.label_dropout < 1:
+        raise AudiodiffError(f"--label-dropout must lie in [0, 1), got {config.label_dropout}")
+    parts = load_model(config.model, conditional=config.condition is not None)
+    if parts.cross_attention_dim is not None and config.condition is None:
+        raise AudiodiffError(f"{config.model}: a conditional model; fine-tune it with --condition genre")
     plan, datasets = plan_run(config, parts)
     warmup_note = ""
     if plan.warmup_steps > WARMUP_FRACTION * plan.total_steps:
@@ -547,7 +672,7 @@ def run_finetune(config: TrainConfig) -> dict:
         datasets=datasets,
     )
     result = trainer.fit()
-    history = export(result.checkpoint, parts, config.output)
+    history = export(result.checkpoint, parts, config.output, plan.genres)
     quality = [h["frechet_distance"] for h in history if "frechet_distance" in h]
     return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,
             "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
