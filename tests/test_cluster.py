@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import soundfile
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from audiodiff import storage
+from audiodiff import models, storage
 from audiodiff.runtime import cluster_capacity
 from audiodiff.synth import write_examples
 
@@ -127,8 +128,8 @@ def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_
     assert json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))["slices_written"] == 24
 
     logs = succeeded(head, "finetune", "--data", f"{s3_bucket}/spectrograms", "--model", "tiny",
-                     "--output", f"{s3_bucket}/model", "--num-workers", 2, "--epochs", 2, "--warmup-steps", 2,
-                     "--log-every", 2)
+                     "--output", f"{s3_bucket}/model", "--num-workers", 2, "--epochs", 1, "--warmup-steps", 2,
+                     "--log-every", 2, "--num-samples", 2, "--sample-steps", 2)
     assert "finetune: 22 training images (2 held out for the quality figure" in logs and "2 worker(s)" in logs
     assert "step 2/" in logs and "quality (Fréchet distance)" in logs  # progress from the workers
     assert storage.exists(f"{s3_bucket}/model/model_index.json")
@@ -236,7 +237,7 @@ def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_A
                                env={k: v for k, v in os.environ.items() if k not in drop},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        stdout, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=540)  # under the 600 s of pytest-timeout, with room to clean up
     finally:
         left = session_tree(process.pid)
         for leftover in left:
@@ -252,39 +253,69 @@ def test_a_local_ray_listens_on_loopback_only_without_the_users_export():
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
 
 
-# Two Ray nodes on loopback in a process of their own (this session's Ray is a single node): preprocess refuses a
-# local output, then runs with one spectrogram actor on each node (a CPU per node, 0.75 per actor).
+# Two Ray nodes on loopback in a process of their own (this session's Ray is a single node), a CPU each, and every
+# stage against object storage. Preprocess refuses a local output, then runs one spectrogram actor per node (0.75
+# CPU each); finetune's two workers take a whole CPU each (the data is in the object store by then), and generate's
+# two actors 0.75 CPU each: neither pair fits on one node, so each node holds one of them.
 _TWO_NODES = """
-import json, sys, ray
+import json, os, sys, ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from audiodiff.cli import main
-source, output, local, dashboard_port = sys.argv[1:]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                        "dashboard_host": "127.0.0.1",
+source, bucket, local, gcs_port, dashboard_port = sys.argv[1:]
+# Ray Train's placement-group cleaner looks its controller up through the State API without an address: with other
+# Rays on the machine it would ask the one started last (and, not finding the controller there, end the run)
+os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": int(gcs_port),
+                                                        "include_dashboard": True, "dashboard_host": "127.0.0.1",
                                                         "dashboard_port": int(dashboard_port)})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
-codes = [main(["preprocess", source, "--model", "tiny", "--num-cpus", "2", "--output", out]) for out in (local, output)]
-actors = list_actors(address=cluster.address, detail=True,
-                     filters=[("class_name", "=", "MapWorker(MapBatches(SpectrogramMaker))")])
-print(json.dumps({"codes": codes, "nodes": len(ray.nodes()), "actor_nodes": len({a.node_id for a in actors})}))
+data, model = f"{bucket}/spectrograms", f"{bucket}/model"
+codes = [main(["preprocess", source, "--model", "tiny", "--num-cpus", "2", "--output", out]) for out in (local, data)]
+codes.append(main(["finetune", "--data", data, "--model", "tiny", "--output", model, "--num-workers", "2",
+                   "--epochs", "1", "--num-samples", "2", "--sample-steps", "2"]))
+codes.append(main(["generate", "--model", model, "--output", f"{bucket}/clips", "--num-clips", "2", "--num-extended",
+                   "1", "--concurrency", "2", "--batch-size", "1", "--scheduler", "ddim", "--steps", "2"]))
+actors = {}
+for stage, name in (("preprocess", "MapWorker(MapBatches(SpectrogramMaker))"), ("finetune", "RayTrainWorker"),
+                    ("generate", "MapWorker(MapBatches(ClipMaker))")):
+    found = list_actors(address=cluster.address, detail=True, filters=[("class_name", "=", name)])
+    actors[stage] = [len(found), len({a.node_id for a in found})]
+print(json.dumps({"codes": codes, "nodes": len(ray.nodes()), "actors_and_nodes": actors}))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_preprocess_on_two_nodes_refuses_a_local_output_and_writes_every_slice_once_to_object_storage(
+def test_every_stage_on_two_nodes_refuses_a_local_output_and_writes_each_output_once_to_object_storage(
         s3_bucket, tmp_path, free_port):
     write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
-    run = python_in_own_session(_TWO_NODES, f"{s3_bucket}/audio", f"{s3_bucket}/spectrograms", str(tmp_path / "local"),
-                                str(free_port()))
-    assert json.loads(run.stdout.splitlines()[-1]) == {"codes": [1, 0], "nodes": 2, "actor_nodes": 2}
+    run = python_in_own_session(_TWO_NODES, f"{s3_bucket}/audio", s3_bucket, str(tmp_path / "local"),
+                                str(free_port()), str(free_port()))
+    report = next(json.loads(line) for line in reversed(run.stdout.splitlines()) if line.startswith('{"codes"'))
+    assert report == {"codes": [1, 0, 0, 0], "nodes": 2,
+                      "actors_and_nodes": {"preprocess": [2, 2], "finetune": [2, 2], "generate": [2, 2]}}, report
     assert f"{tmp_path / 'local'}: a local path, but the Ray cluster has 2 nodes" in run.stderr
     assert not (tmp_path / "local").exists()
+    # preprocess: every slice once
     fs, data = storage.resolve(f"{s3_bucket}/spectrograms/data")
     slices = pq.read_table(data, filesystem=fs)
     keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
     stats = json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))
     assert len(keys) == len(set(keys)) == stats["slices_written"] == 24 and stats["tracks_written"] == 6
+    # finetune: 22 training images / (4 per worker x 2 workers) = 2 steps; the pipeline loads from the bucket
+    assert "finetune: 2 steps on 22 images" in run.stdout
+    history = storage.read_bytes(f"{s3_bucket}/model/metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in history] == [2]
+    assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
+    # generate: each planned clip once, whole
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/manifest.parquet"))).to_pylist()
+    assert [r["clip_id"] for r in rows] == ["standard-00000", "standard-00001", "extended-00000"]
+    assert storage.list_files(f"{s3_bucket}/clips/clips") == sorted(
+        f"{s3_bucket}/clips/{r[ext]}" for r in rows for ext in ("wav", "png"))
+    for row in rows:
+        audio, rate = soundfile.read(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/{row['wav']}")))
+        assert rate == 22050 and len(audio) / rate == pytest.approx(row["seconds"])
+    assert storage.exists(f"{s3_bucket}/clips/index.html")

@@ -1,7 +1,13 @@
+import contextlib
 import io
 import os
+import shutil
+import signal
+import threading
+import time
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import soundfile
@@ -9,6 +15,8 @@ from PIL import Image
 
 from audiodiff import models, storage
 from audiodiff.cli import main
+from audiodiff.clips import ClipSettings, work_dataset
+from audiodiff.outputs import clip_row
 
 FAST = ["--scheduler", "ddim", "--steps", "4"]
 STANDARD_SECONDS = 63 * 512 / 22050  # the tiny model: 64 frames
@@ -26,6 +34,15 @@ def generate(model, output, *args):
     assert main(["generate", "--model", model, "--output", str(output), *FAST, *map(str, args)]) == 0
 
 
+@pytest.fixture(scope="module")
+def made(local_ray, tiny_model, tmp_path_factory):
+    """One run of 3 standard clips and 1 extended one (the 3 standard ones denoised as one batch), which the
+    tests read and copy but never change."""
+    out = tmp_path_factory.mktemp("made") / "out"
+    generate(tiny_model, out, "--num-clips", 3, "--num-extended", 1)
+    return out
+
+
 def manifest(output):
     return pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/manifest.parquet"))).to_pylist()
 
@@ -34,42 +51,48 @@ def image(output, clip_id) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{output}/clips/{clip_id}.png"))))
 
 
-def test_right_number_of_clips_of_the_right_lengths(local_ray, tiny_model, tmp_path):
-    out = tmp_path / "out"
-    generate(tiny_model, out, "--num-clips", 3, "--num-extended", 1)
-    rows = manifest(out)
+def test_right_number_of_clips_of_the_right_lengths(tiny_model, made):
+    rows = manifest(made)
     assert [r["clip_id"] for r in rows] == ["standard-00000", "standard-00001", "standard-00002", "extended-00000"]
-    assert sorted(os.listdir(out / "clips")) == sorted(f"{r['clip_id']}.{ext}" for r in rows for ext in ("wav", "png"))
+    assert sorted(os.listdir(made / "clips")) == sorted(f"{r['clip_id']}.{ext}" for r in rows for ext in ("wav", "png"))
     for row in rows:
-        audio, rate = soundfile.read(out / row["wav"])
-        info = soundfile.info(out / row["wav"])
+        audio, rate = soundfile.read(made / row["wav"])
+        info = soundfile.info(made / row["wav"])
         assert rate == 22050 and info.subtype == "PCM_16" and audio.ndim == 1
         expected = STANDARD_SECONDS if row["kind"] == "standard" else EXTENDED_SECONDS
         assert len(audio) / rate == pytest.approx(expected) == pytest.approx(row["seconds"])
-        assert image(out, row["clip_id"]).shape == (64, row["frames"])
+        assert image(made, row["clip_id"]).shape == (64, row["frames"])
         assert np.abs(audio).max() == pytest.approx(10 ** (-1 / 20), abs=1e-3)  # peak at -1 dBFS
         assert (row["scheduler"], row["steps"], row["model"]) == ("ddim", 4, tiny_model)
     assert len({r["seed"] for r in rows}) == 4
-    page = (out / "index.html").read_text()
+    page = (made / "index.html").read_text()
     assert all(f'src="{r["wav"]}"' in page and f'src="{r["png"]}"' in page for r in rows)
 
 
-def test_same_clip_at_any_batch_size_and_number_of_actors(local_ray, tiny_model, tmp_path):
-    generate(tiny_model, tmp_path / "one", "--num-clips", 4, "--batch-size", 1, "--concurrency", 1)
-    generate(tiny_model, tmp_path / "four", "--num-clips", 4, "--batch-size", 4, "--concurrency", 2)
-    generate(tiny_model, tmp_path / "two actors", "--num-clips", 4, "--batch-size", 2, "--concurrency", 2)
-    for clip in (f"standard-{i:05d}" for i in range(4)):
+def test_same_clip_at_any_batch_size_and_number_of_actors(local_ray, tiny_model, made, tmp_path):
+    generate(tiny_model, tmp_path / "one", "--num-clips", 3, "--batch-size", 1, "--concurrency", 1)
+    generate(tiny_model, tmp_path / "two actors", "--num-clips", 3, "--batch-size", 2, "--concurrency", 2)
+    for clip in (f"standard-{i:05d}" for i in range(3)):
         reference = image(tmp_path / "one", clip).astype(int)
-        for other in ("four", "two actors"):
-            difference = np.abs(image(tmp_path / other, clip).astype(int) - reference)
+        for other in (made, tmp_path / "two actors"):  # batches of 3, and of 2 and 1
+            difference = np.abs(image(other, clip).astype(int) - reference)
             # same noise and sampler draws; batched kernels only round differently (module docstring)
             assert difference.max() <= 1 and (difference > 0).mean() < 0.005, (clip, other)
     assert image(tmp_path / "one", "standard-00000").tolist() != image(tmp_path / "one", "standard-00001").tolist()
 
 
-def test_rerun_writes_nothing_and_interrupted_run_is_completed(local_ray, tiny_model, tmp_path, capsys):
+def test_planned_clips_come_in_blocks_that_every_actor_can_take(local_ray):
+    mel = models.load_mel_config("tiny")
+    rows = [clip_row(f"standard-{i:05d}", i, "standard", 64, mel, "ddim", 2, "tiny") for i in range(10)]
+    # one block would feed one actor however many the pool has (found by the two-node test)
+    blocks = work_dataset(rows, ClipSettings(model="tiny", output="x", batch_size=2, concurrency=2)).num_blocks()
+    assert blocks == 5  # a batch each
+    assert work_dataset(rows, ClipSettings(model="tiny", output="x", batch_size=1, concurrency=1)).num_blocks() == 4
+
+
+def test_rerun_writes_nothing_and_interrupted_run_is_completed(local_ray, tiny_model, made, tmp_path, capsys):
     out = tmp_path / "out"
-    generate(tiny_model, out, "--num-clips", 3, "--num-extended", 1)
+    shutil.copytree(made, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     generate(tiny_model, out, "--num-clips", 3, "--num-extended", 1)
     assert "0 clips written, 4 already there" in capsys.readouterr().out
@@ -84,19 +107,90 @@ def test_rerun_writes_nothing_and_interrupted_run_is_completed(local_ray, tiny_m
     assert len(rows) == 4 and all((out / r["wav"]).exists() and (out / r["png"]).exists() for r in rows)
 
 
-def test_s3_output(local_ray, tiny_model, s3_bucket):
-    generate(tiny_model, f"{s3_bucket}/gen", "--num-clips", 2)
-    rows = manifest(f"{s3_bucket}/gen")
-    assert len(rows) == 2
-    files = storage.list_files(f"{s3_bucket}/gen")
-    for row in rows:
-        assert f"{s3_bucket}/gen/{row['wav']}" in files and f"{s3_bucket}/gen/{row['png']}" in files
-    assert f"{s3_bucket}/gen/index.html" in files
+def whole_clip_file(path) -> bool:
+    """Whether a clip's WAV or PNG decodes to its end."""
+    try:
+        if path.suffix == ".wav":
+            info = soundfile.info(path)
+            return info.frames > 0 and len(soundfile.read(path)[0]) == info.frames
+        Image.open(path).load()
+        return True
+    except Exception:  # noqa: BLE001 - a truncated file fails in the decoder, whichever way it fails
+        return False
+
+
+def test_an_actor_killed_mid_batch_is_restarted_no_partial_file_is_ever_visible_and_a_rerun_finds_every_clip(
+        local_ray, tiny_model, tmp_path, capsys):
+    import ray
+    from ray.util.state import list_tasks
+
+    out, planned = tmp_path / "out", 8
+    clips = out / "clips"
+    names = {f"standard-{i:05d}.{ext}" for i in range(planned) for ext in ("wav", "png")}
+    batch = "MapWorker(MapBatches(ClipMaker)).submit"  # an actor's title while it runs a batch
+    killed, broken, seen = [], [], set()
+    running = threading.Event()
+
+    def busy_actor() -> int | None:
+        """The process of this session's Ray that runs a batch now, seen the moment it starts (the State API
+        hears of it up to a second later, when a batch of this tiny model can be done)."""
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if batch in " ".join(process.cmdline()):
+                    return process.pid
+        return None
+
+    def read_new_clip_files():
+        for name in sorted((set(os.listdir(clips)) & names) - seen) if clips.is_dir() else ():
+            seen.add(name)  # under its own name a file is whole: written to a temporary name, then renamed
+            if not whole_clip_file(clips / name):
+                broken.append(name)
+
+    def kill_the_actor_in_its_first_batch_and_read_every_clip_file_that_appears():
+        while running.is_set():
+            if not killed and (pid := busy_actor()):
+                os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+                killed.append(pid)
+            read_new_clip_files()
+            time.sleep(0.02)
+
+    running.set()
+    watcher = threading.Thread(target=kill_the_actor_in_its_first_batch_and_read_every_clip_file_that_appears,
+                               daemon=True)
+    watcher.start()
+    try:
+        generate(tiny_model, out, "--num-clips", planned, "--batch-size", 2)
+    finally:
+        running.clear()
+        watcher.join()
+    read_new_clip_files()  # those written after the watcher's last look
+    assert killed, "no actor was killed"
+    # Ray Data restarts the actor (max_restarts=-1) and runs the batch again: the run ends with every clip
+    assert f"{planned} clips written, 0 already there" in capsys.readouterr().out
+    assert seen == names and not broken, broken
+    assert set(os.listdir(clips)) == names  # no temporary file left behind
+    assert all(whole_clip_file(clips / name) for name in names)
+    before = {name: (clips / name).stat().st_mtime_ns for name in names}
+    generate(tiny_model, out, "--num-clips", planned, "--batch-size", 2)
+    assert f"0 clips written, {planned} already there, {planned} in the manifest" in capsys.readouterr().out
+    assert {name: (clips / name).stat().st_mtime_ns for name in names} == before
+    assert [r["clip_id"] for r in manifest(out)] == [f"standard-{i:05d}" for i in range(planned)]
+    # the State API, once it has heard: the batch killed in its first attempt ran again
+    address = ray.get_runtime_context().gcs_address  # this test's own Ray: a second Ray on the machine fails a lookup
+    deadline = time.monotonic() + 30
+    while True:
+        attempts = {}
+        for task in list_tasks(address=address, detail=True, filters=[("name", "=", batch)]):
+            attempts.setdefault(task.task_id, {})[task.attempt_number] = task.state
+        if any(a.get(0) == "FAILED" and 1 in a for a in attempts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any(a.get(0) == "FAILED" and 1 in a for a in attempts.values()), attempts
 
 
 @pytest.mark.parametrize("args, message", [
     (["--num-clips", "0"], "nothing to generate"),
-    (["--num-extended", "1", "--extend-factor", "1.0625"], "68 frames; the UNet halves the width 3 times"),
+    (["--num-extended", "1", "--extend-factor", "1.0625"], "68 frames; the model halves the width 3 times"),
     (["--scheduler", "pndm"], "--scheduler must be one of"),
     (["--gpu", "--concurrency", "2"], "--gpu with --concurrency 2 needs 2 GPUs; the Ray cluster has 0, autoscaling"),
 ])
@@ -106,13 +200,11 @@ def test_bad_arguments_stop_before_work(local_ray, tiny_model, tmp_path, capsys,
     assert not (tmp_path / "out" / "clips").exists()
 
 
-def test_bad_model_unwritable_output_and_changed_settings(local_ray, tiny_model, tmp_path, capsys):
+def test_bad_model_unwritable_output_and_changed_settings(local_ray, tiny_model, made, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "no model"), "--output", str(tmp_path / "o")]) == 1
     assert "no model: no such model folder" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["generate", "--model", tiny_model, "--output", str(tmp_path / "file" / "o"), *FAST]) == 1
     assert "cannot write" in capsys.readouterr().err
-    generate(tiny_model, tmp_path / "out", "--num-clips", 1)
-    assert main(["generate", "--model", tiny_model, "--output", str(tmp_path / "out"), "--scheduler", "ddim",
-                 "--steps", "5"]) == 1
+    assert main(["generate", "--model", tiny_model, "--output", str(made), "--scheduler", "ddim", "--steps", "5"]) == 1
     assert "holds clips made with other settings (steps differ)" in capsys.readouterr().err
