@@ -7,15 +7,16 @@ stay fp32; convolutions, matmuls and attention run in the lower precision, every
 updates and the loss included, in fp32). `auto` is resolved once, by the driver, before any work starts:
 - with --gpu: bf16 (about 2x the fp32 throughput on the tensor cores of Ampere and later GPUs);
 - on CPU: bf16 where the driver's CPU computes bf16 natively (x86 `avx512_bf16` or `amx_bf16`: AMD Zen 4
-  and later, Intel Cooper Lake, Sapphire Rapids and later), else fp32. Measured with the tiny model on a
-  Zen 4 EPYC: a UNet step per clip 6.1 ms in bf16 against 11.3 ms in fp32 (batch 8, 2 threads). Without
-  native bf16 the same kernels are emulated and slower than fp32, so fp32 is the fastest there.
+  and later, Intel Cooper Lake, Sapphire Rapids and later), else fp32. Measured with the tiny model on a Zen 4
+  EPYC: a UNet step per clip at batch 8 takes 11.1 ms in bf16 against 18.2 ms in fp32 on one thread, and 7.3
+  against 14.7 ms on two. The same CPU with its bf16 instructions masked (oneDNN's ONEDNN_MAX_CPU_ISA) emulates
+  bf16: 1.8x slower than fp32 with AVX-512, 5.5x with AVX2 only.
 The driver decides because a clip is a pure function of its precision (DESIGN.md): every actor must use the
 same one, and `generation.json` records it, so it cannot be chosen actor by actor. The driver's CPU stands in
 for the actors' CPUs: they are the same machine on a local Ray, and usually the same kind of machine on a
-CPU cluster. Where they are not, clips are still the same (an actor without native bf16 computes bf16 too,
-only slower); pass --precision to choose. A re-run whose `auto` resolves otherwise (another machine) is
-refused by the output's settings check, naming `precision`.
+CPU cluster. Where they are not, an actor without native bf16 still makes the same clips (up to bf16's
+rounding), only slower, as above; pass --precision to choose. A re-run whose `auto` resolves otherwise (from
+another machine) is refused by the output's settings check, which names `precision`.
 
 Tolerance. bf16 rounds each noise prediction to 8 significant bits (the tiny model's differs from fp32's by
 at most 0.017); over a deterministic DDIM run this moves a clip by well under a grey level on average, less
@@ -65,7 +66,7 @@ def resolve_precision(precision: str, gpu: bool) -> str:
 
 def check_precision(precision: str, gpu: bool, flag: str = "--precision") -> None:
     """Refuses an unknown precision, and fp16 on CPU: CPUs without fp16 arithmetic (all but the newest Intel
-    ones) run it emulated, 10x slower than fp32 here (measured), for nothing gained."""
+    ones) emulate it, 4.5x slower than fp32 on the tiny model here (measured), for nothing gained."""
     if precision not in PRECISIONS:
         raise AudiodiffError(f"{flag} must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision == "fp16" and not gpu:
@@ -83,8 +84,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def for_inference(unet: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """The model on `device` in eval mode and in the memory layout that is faster there: channels-last on CPU
-    (the tiny UNet's step 18% faster in fp32 and in bf16, measured; inputs stay NCHW, convolutions take them as
-    they are). On CUDA the layout is left as it is until measured."""
+    (the tiny UNet's step 5 to 15% faster in fp32 and in bf16 at batch 1 and 8, and emulated bf16 13x faster,
+    measured; inputs stay NCHW, convolutions take them as they are). On CUDA it is left as it is until measured."""
     unet = unet.to(device).eval()
     if device.type == "cpu":
         unet = unet.to(memory_format=torch.channels_last)

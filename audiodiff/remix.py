@@ -64,6 +64,9 @@ class InterpolateConfig(ClipSettings):
     sources: list[str] = dataclasses.field(default_factory=list)  # the two clips, A and B
     scheduler: str = "ddim"
     points: int = 5  # clips from A to B, both ends included
+    # DDIM inversion then sampling magnifies bf16's rounding: an untrained tiny model's ends moved by up to 214
+    # grey levels under bf16 autocast against fp32's, so interpolation computes in fp32 unless told otherwise
+    precision: str = "fp32"
 
     def settings(self) -> dict:
         return {**super().settings(), "points": self.points}

@@ -22,11 +22,11 @@ from audiodiff.train import TrainConfig
 # Tolerance of a bf16 clip against the fp32 one of the same seed: the mean absolute difference over its pixels, in
 # grey levels of the 0..255 spectrogram. The vocoder's own round trip (image -> Griffin-Lim audio -> image) moves
 # an image by 2.6 grey levels on average (BENCHMARKS.md, tests/test_mel.py), and two clips of different seeds
-# differ by 25 to 40: a change under 1 is under half of what rendering the clip loses anyway. Measured on this
-# CPU (AVX512-BF16): 0.33 to 0.35 per clip on the model below, 0.43 to 0.91 on the demo's fine-tuned tiny model
+# differ by 25 to 40: a change under 1 is under half of what rendering the clip loses anyway. Measured on a
+# Zen 4 EPYC (AVX512-BF16): 0.33 to 0.35 per clip on the model below, 0.43 to 0.91 on the demo's fine-tuned tiny model
 # (DDIM 4 to 50 steps, 8 clips).
 MEAN_GREY_LEVELS = 1.0
-# and few pixels move far: at most 1% of them by more than 8 grey levels (measured: none by more than 3 here, 7
+# and few pixels move far: at most 1% of them by more than 8 grey levels (measured: none by more than 4 here, 7
 # on the demo's model)
 FAR, FAR_SHARE = 8, 0.01
 
@@ -55,9 +55,9 @@ def fitted_model(tmp_path_factory):
     return str(folder)
 
 
-def clips(model: str, precision: str, batch_size: int = 4) -> list[np.ndarray]:
-    """Four standard clips (DDIM 10 steps) through the actors' own code, in this process."""
-    config = GenerateConfig(model=model, output="unused", num_clips=4, scheduler="ddim", steps=10,
+def clips(model: str, precision: str, batch_size: int = 4, count: int = 4) -> list[np.ndarray]:
+    """Standard clips (DDIM 10 steps) made by the actors' own code, in this process."""
+    config = GenerateConfig(model=model, output="unused", num_clips=count, scheduler="ddim", steps=10,
                             batch_size=batch_size, precision=precision)
     plan = [{**row, "starts": []} for row in plan_clips(config, models.load_model(model))]
     maker = ClipMaker(config)
@@ -68,11 +68,10 @@ def clips(model: str, precision: str, batch_size: int = 4) -> list[np.ndarray]:
 
 def test_bf16_clips_stay_within_a_grey_level_of_fp32_and_across_batch_sizes(fitted_model):
     fp32, bf16, bf16_alone = (clips(fitted_model, "fp32"), clips(fitted_model, "bf16"),
-                              clips(fitted_model, "bf16", batch_size=1))
-    for reference, other in ((fp32, bf16), (bf16, bf16_alone)):
+                              clips(fitted_model, "bf16", batch_size=1, count=2))
+    for reference, other in ((fp32, bf16), (bf16, bf16_alone)):  # bf16 rounds differently at other batch sizes
         for a, b in zip(reference, other):
             difference = np.abs(a - b)
-            print(f"mean {difference.mean():.3f} max {difference.max()} far {(difference > FAR).mean():.4f}")
             assert difference.mean() <= MEAN_GREY_LEVELS and (difference > FAR).mean() <= FAR_SHARE
     assert np.abs(fp32[0] - fp32[1]).mean() > 10 * MEAN_GREY_LEVELS  # clips of other seeds differ far more
 

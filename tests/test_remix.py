@@ -149,7 +149,7 @@ def test_generate_seconds_writes_one_long_clip(local_ray, tiny_model, tmp_path):
 def test_interpolation_runs_from_one_input_to_the_other(local_ray, tiny_model, tracks, tmp_path):
     out = tmp_path / "between"
     run("interpolate", tracks / "drone.wav", tracks / "beats.wav", "--model", tiny_model, "--output", out,
-        "--points", 3, *FAST)
+        "--points", 3, *FAST)  # in fp32 by default, as the reference below
     manifest = rows(out)
     points = sorted((r for r in manifest.values() if r["kind"] == "interpolation"), key=lambda r: r["position"])
     assert [r["position"] for r in points] == [0.0, 0.5, 1.0]

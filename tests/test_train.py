@@ -168,13 +168,13 @@ def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
 
     # 8 tracks of 12 consecutive slices each, as preprocess writes them; each image holds its track's number
     tracks = np.repeat(np.arange(8, dtype=np.uint8), 12)[:, None, None] * np.ones((1, 2, 2), np.uint8)
-    images = InMemoryImages([ray.put(tracks[:48]), ray.put(tracks[48:])])
+    images = InMemoryImages([ray.put({"image": tracks[:48]}), ray.put({"image": tracks[48:]})])
     plan = RunPlan(rows=96, holdout_rows=0, steps_per_epoch=12, total_steps=24, warmup_steps=0, cpus=1,
                    in_memory=True, blocks=None, holdout=None)
 
     def order(seed, epoch, rank=0, world=1, first=0):
         config = TrainConfig(data="", model="tiny", output="", batch_size=8 // world, seed=seed)
-        return [b[:, 0, 0].tolist() for b in images.batches(config, plan, rank, world, epoch, first)]
+        return [b["image"][:, 0, 0].tolist() for b in images.batches(config, plan, rank, world, epoch, first)]
 
     first = order(seed=0, epoch=0)
     assert all(len(set(batch)) >= 4 for batch in first)  # 8 slices from at least 4 of the 8 tracks
