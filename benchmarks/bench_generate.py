@@ -2,11 +2,13 @@
 steady state, by precision, actors and batch size; and where the time of one clip goes.
 
     python benchmarks/bench_generate.py [--model tiny] [--steps 50] [--batch-size 8] [--precisions auto,fp32]
-                                        [--actors 1,2] [--long 3] [--unet] [--compile]
+                                        [--actors 1,2] [--long 3] [--repeats 2] [--unet] [--compile]
 
 Steady state: every figure is the difference of two runs of different lengths (clips/s = extra clips / extra
 seconds), so what a run spends once (Ray Data planning, actors starting, importing torch and loading the model,
-the notebook's first call) cancels out. The short run gives every actor one batch, the long one `--long`.
+the notebook's first call) cancels out. The short run gives every actor one batch, the long one `--long`; each
+length runs `--repeats` times and its fastest run counts. Run it on a quiet machine: on a busy one start-up
+varies by more than the work (the figure then reads "not measurable").
 notebook: one clip per `pipe(steps=..., generator=...)` call (DDIM, librosa Griffin-Lim inside), WAV written,
 fp32 with torch's default threads (all the machine's CPUs).
 audiodiff: `run_generate` on a local Ray (DDIM, same steps), WAV + PNG + manifest written; each CPU actor gets
@@ -46,17 +48,21 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
-def steady_rate(run, short: int, long: int) -> tuple[float, float, float]:
-    """(clips/s in steady state, seconds of the short run, seconds of the long run); `run(n)` makes n clips."""
-    times = []
-    for n in (short, long):
-        start = time.perf_counter()
-        run(n)
-        times.append(time.perf_counter() - start)
-    return (long - short) / (times[1] - times[0]), times[0], times[1]
+def steady_rate(run, short: int, long: int, repeats: int) -> tuple[float | None, float, float]:
+    """(clips/s in steady state, seconds of the short run, seconds of the long run); `run(n)` makes n clips. Each
+    length runs `repeats` times, short and long in turn, and counts its fastest run. None where the long run was
+    not the slower: start-up varied by more than the extra clips took (a busy machine; lengthen the long run)."""
+    times = {short: float("inf"), long: float("inf")}
+    for _ in range(repeats):
+        for n in (short, long):
+            start = time.perf_counter()
+            run(n)
+            times[n] = min(times[n], time.perf_counter() - start)
+    extra = times[long] - times[short]
+    return ((long - short) / extra if extra > 0 else None), times[short], times[long]
 
 
-def notebook(folder: str, steps: int, out: str, short: int, long: int) -> float:
+def notebook(folder: str, steps: int, out: str, short: int, long: int, repeats: int) -> float | None:
     parts = models.load_model(folder)
     pipe = AudioDiffusionPipeline(vqvae=None, unet=parts.unet, mel=Mel(**vars(parts.mel)),
                                   scheduler=DDIMScheduler.from_config(parts.scheduler.config))
@@ -68,10 +74,11 @@ def notebook(folder: str, steps: int, out: str, short: int, long: int) -> float:
             output = pipe(steps=steps, generator=torch.Generator().manual_seed(i))
             soundfile.write(os.path.join(out, f"{i}.wav"), output.audios[0, 0], parts.mel.sample_rate)
 
-    return steady_rate(run, short, long)[0]
+    return steady_rate(run, short, long, repeats)[0]
 
 
-def job(folder: str, work: str, steps: int, batch_size: int, actors: int, precision: str, long: int) -> dict:
+def job(folder: str, work: str, steps: int, batch_size: int, actors: int, precision: str, long: int,
+        repeats: int) -> dict:
     """The generate job's steady rate: one batch per actor, then `long` batches per actor."""
     runs = iter(range(1000))
 
@@ -82,8 +89,8 @@ def job(folder: str, work: str, steps: int, batch_size: int, actors: int, precis
         run_generate(config)
 
     per_round = batch_size * actors
-    rate, short_s, long_s = steady_rate(run, per_round, long * per_round)
-    return {"clips_per_s": rate, "start_up_s": short_s - per_round / rate}
+    rate, short_s, _ = steady_rate(run, per_round, long * per_round, repeats)
+    return {"clips_per_s": rate, "start_up_s": short_s - per_round / rate if rate else None}
 
 
 def breakdown(folder: str, work: str, steps: int, batch_size: int, precision: str) -> dict[str, float]:
@@ -163,6 +170,10 @@ def compile_check(folder: str, precision: str, batch: int, threads: int) -> dict
             "break_even_steps": compile_s / gain_per_step_s if gain_per_step_s > 0 else float("inf")}
 
 
+def rate_text(rate: float | None) -> str:
+    return f"{rate:7.3f} clips/s" if rate else "not measurable (start-up varied more than the extra clips took)"
+
+
 def forward_flops(unet, height: int, width: int) -> float:
     """One denoising step of one clip, counted by torch: what sizes a run on hardware not measured."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -179,6 +190,7 @@ def main():
     parser.add_argument("--actors", default="1,2")
     parser.add_argument("--long", type=int, default=3, help="batches per actor in the long run (the short: 1)")
     parser.add_argument("--notebook-clips", default="4,12", help="the notebook's short and long run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each length; the fastest counts")
     parser.add_argument("--unet", action="store_true", help="also the UNet step table (precision, layout, batch)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile's cost and gain")
     args = parser.parse_args()
@@ -197,22 +209,23 @@ def main():
                    "batch_size": args.batch_size}
         os.makedirs(os.path.join(work, "notebook"))
         short, long = map(int, args.notebook_clips.split(","))
-        reference = notebook(folder, args.steps, os.path.join(work, "notebook"), short, long)
+        reference = notebook(folder, args.steps, os.path.join(work, "notebook"), short, long, args.repeats)
         figures["notebook_clips_per_s"] = reference
-        print(f"notebook (pipe() per clip, fp32, {machine_threads} threads): {reference:7.3f} clips/s", flush=True)
+        print(f"notebook (pipe() per clip, fp32, {machine_threads} threads): {rate_text(reference)}", flush=True)
         init_ray()
         for precision in precisions:
             for actors in map(int, args.actors.split(",")):
-                result = job(folder, work, args.steps, args.batch_size, actors, precision, args.long)
+                result = job(folder, work, args.steps, args.batch_size, actors, precision, args.long, args.repeats)
                 rate = result["clips_per_s"]
+                ratio = rate / reference if rate and reference else None
                 key = f"audiodiff_{precision}_{actors}_actors"
-                figures |= {f"{key}_clips_per_s": rate, f"{key}_over_notebook": rate / reference,
+                figures |= {f"{key}_clips_per_s": rate, f"{key}_over_notebook": ratio,
                             f"{key}_start_up_s": result["start_up_s"]}
                 print(f"audiodiff, {precision}, {actors} actor{'s' if actors > 1 else ' '}, batch {args.batch_size}: "
-                      f"{rate:7.3f} clips/s  ({rate / reference:.2f}x the notebook; start-up {result['start_up_s']:.1f}"
-                      " s a run, excluded)", flush=True)
+                      f"{rate_text(rate)}" + (f"  ({ratio:.2f}x the notebook; start-up {result['start_up_s']:.1f} s "
+                                              "a run, excluded)" if ratio else ""), flush=True)
         ray.shutdown()
-        for threads in (1, machine_threads):
+        for threads in sorted({1, machine_threads}):
             torch.set_num_threads(threads)
             parts = breakdown(folder, work, args.steps, args.batch_size, auto)
             total = sum(parts.values())
