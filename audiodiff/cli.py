@@ -116,7 +116,8 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     sampler.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
     sampler.add_argument("--gpu", action="store_true", help="one GPU per actor")
     sampler.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                         help="of the denoising (default: auto, bf16 on GPUs and on CPUs with native bf16, else fp32)")
+                         help="of the denoising (default: auto, bf16 on GPUs and on CPUs with native bf16, else "
+                              "fp32; interpolate: fp32)")
     sampler.add_argument("--target-dbfs", type=float, help="peak level of each saved clip")
     conditions = p.add_argument_group("conditional models (each clip is made once per genre or encoding)")
     conditions.add_argument("--genre", action="append", dest="genres",

@@ -151,8 +151,9 @@ def unet_table(folder: str, precisions: list[str], batches: list[int], threads: 
 
 
 def compile_check(folder: str, precision: str, batch: int, threads: int) -> dict[str, float]:
-    """torch.compile (inductor) against eager, channels-last, in `precision`: compile time, per-step times and
-    how many denoising steps of one batch repay the compile."""
+    """torch.compile (inductor) against eager, channels-last, in `precision`: compile time with an empty cache (what
+    an actor on a fresh node pays), per-step times and how many denoising steps of one batch repay the compile."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")  # read at each compile
     torch.set_num_threads(threads)
     parts = models.load_model(folder)
     height, width = parts.image_size

@@ -104,7 +104,8 @@ def test_whole_track_remix_joins_the_slices_in_order(local_ray, tiny_model, trac
 
 
 def test_a_batch_of_remixes_equals_the_same_remixes_one_by_one(tiny_model):
-    config = RemixConfig(model=tiny_model, output="unused", variations=3, strength=0.6, keep_start=0.2, steps=4)
+    config = RemixConfig(model=tiny_model, output="unused", variations=3, strength=0.6, keep_start=0.2, steps=4,
+                         precision="fp32")  # fp32's contract; bf16 rounds more (tests/test_precision.py)
     codec = MelCodec(MEL)
     images = codec.audio_to_images(synthesize("arpeggio", 3.2, SR, seed=3))
     track = {"source": "arpeggio.wav", "slices": [0, 1], "silent": 0,
