@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import posixpath
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -147,3 +148,8 @@ def load_audio(data: bytes | str | os.PathLike, sample_rate: int, source: str | 
     """Encoded bytes or a local file -> mono float32 at `sample_rate`. Raises BadAudioError naming the input."""
     source = source or (os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<bytes>")
     return np.concatenate(list(stream_audio(data, sample_rate, source)))
+
+
+def folder_genre(path: str) -> str:
+    """A file's genre when audio is filed in a folder per genre: the name of the folder it is in."""
+    return posixpath.basename(posixpath.dirname(path.replace(os.sep, "/")))

@@ -42,7 +42,7 @@ from PIL import Image
 from ray.data.expressions import col, lit
 
 from audiodiff import storage
-from audiodiff.audio import AUDIO_EXTENSIONS, load_audio, resample
+from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
@@ -276,9 +276,8 @@ def _open_side(name: str, uri: str) -> _Side:
     if not files:
         raise AudiodiffError(f"--{name} {uri}: no audio files ({', '.join(AUDIO_EXTENSIONS)}), generate output "
                              "(manifest.parquet) or spectrogram dataset (mel_config.json) there")
-    # a folder of audio: a file's genre is the name of its folder under `uri`, as preprocess --genre-from-folder
-    below = {f: f[len(uri.rstrip("/")) + 1:].split("/") for f in files}
-    return _Side(name, uri, "files", files, genres={f: parts[-2] for f, parts in below.items() if len(parts) > 1})
+    # audio: a file's genre is the name of its folder, as preprocess --genre-from-folder takes it
+    return _Side(name, uri, "files", files, genres={f: folder_genre(f) for f in files})
 
 
 def _evaluation_mel(sides: list[_Side]) -> MelConfig:

@@ -16,7 +16,6 @@ import dataclasses
 import glob
 import hashlib
 import os
-import posixpath
 import re
 import tempfile
 import time
@@ -30,7 +29,7 @@ import ray
 import torch
 
 from audiodiff import storage
-from audiodiff.audio import AUDIO_EXTENSIONS, stream_audio
+from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, stream_audio
 from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, is_saved_dataset, prepare_output, \
     read_stats
 from audiodiff.encode import png_bytes
@@ -104,8 +103,7 @@ def open_source(uri: str, config: PreprocessConfig) -> Tracks:
 
 
 def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
-    genres = {f: posixpath.basename(posixpath.dirname(f.replace(os.sep, "/"))) if config.genre_from_folder
-              else None for f in files}
+    genres = {f: folder_genre(f) if config.genre_from_folder else None for f in files}
     counts = collections.Counter(genres.values())
     selected = [f for f in files if not config.genres or genres[f] in config.genres]
     if not selected:
