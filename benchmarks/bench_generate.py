@@ -22,7 +22,6 @@ The model is untrained (speed does not depend on the weights). The last line is 
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -38,14 +37,8 @@ from audiodiff.clips import ClipMaker
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.runtime import init_ray
+from machine import cpu_name
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def steady_rate(run, short: int, long: int, repeats: int) -> tuple[float | None, float, float]:

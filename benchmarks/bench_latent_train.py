@@ -14,7 +14,6 @@ encoding cost, and audiodiff's rate over `--epochs` epochs with that cost includ
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from audiodiff import sampling
 from audiodiff.train import LatentEncoder
+from machine import cpu_name
 
 
 def tiny_latent_pipeline(folder: str) -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="run length over which the encoding is counted")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    cpu = platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
+    cpu = cpu_name()
     images = np.random.default_rng(0).integers(0, 256, (args.images, 64, 64), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as folder:
         tiny_latent_pipeline(folder)

@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from audiodiff.audio import resample
 from audiodiff.encode import png_bytes, png_image
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.synth import GENRES, synthesize
+from machine import cpu_name
 
 
 def best_of(fn, repeats: int) -> float:
@@ -53,13 +53,6 @@ def pillow_default_png(image: np.ndarray) -> bytes:
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main():

@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
+from machine import cpu_name
 
 
 def notebook_path(files: list[str], mel: Mel) -> None:
@@ -147,13 +147,6 @@ class RayCpuMeter:
         self._sample()
         self.seconds["driver"] -= self._own_seconds
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main():

@@ -26,6 +26,7 @@ from audiodiff import models
 from audiodiff.remix import RemixConfig, run_remix
 from audiodiff.runtime import init_ray
 from audiodiff.synth import synthesize
+from machine import cpu_name
 
 
 def reference(folder: str, tracks: list[str], steps: int, strength: float, out: str) -> int:
@@ -68,7 +69,7 @@ def main():
             soundfile.write(tracks[-1], synthesize(kinds[i % 3], args.seconds, model.mel.sample_rate, seed=i),
                             model.mel.sample_rate)
         print(f"{args.tracks} tracks of {args.seconds:g} s, model {args.model}, DDIM {args.steps} steps at strength "
-              f"{args.strength:g}, {os.cpu_count()} CPUs ({_cpu()}), torch {torch.__version__}")
+              f"{args.strength:g}, {os.cpu_count()} CPUs ({cpu_name()}), torch {torch.__version__}")
         os.makedirs(os.path.join(work, "reference"))
         start = time.perf_counter()
         slices = reference(folder, tracks, args.steps, args.strength, os.path.join(work, "reference"))
@@ -76,7 +77,7 @@ def main():
         print(f"reference (pipe() per slice, {torch.get_num_threads()} threads): {baseline:7.3f} slices/s "
               f"({slices} slices)")
         figures = {"model": args.model, "slices": slices, "steps": args.steps, "strength": args.strength,
-                   "batch_size": args.batch_size, "cpu": _cpu(), "reference_slices_per_s": baseline}
+                   "batch_size": args.batch_size, "cpu": cpu_name(), "reference_slices_per_s": baseline}
         init_ray()
         for actors in (1, 2):
             config = RemixConfig(model=folder, output=os.path.join(work, f"out-{actors}"), sources=[audio],
@@ -94,11 +95,6 @@ def main():
         print(json.dumps(figures))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":

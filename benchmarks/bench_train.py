@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +34,7 @@ from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
 from audiodiff.dataset import read_spectrograms, spectrogram_files
 from audiodiff.train import TrainConfig, run_finetune
+from machine import cpu_name
 
 
 def plain_loop(images: torch.Tensor, preset: str, batch_size: int, steps: int, threads: int) -> float:
@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-train-")
-    cpu = platform.processor() or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
+    cpu = cpu_name()
     try:
         init_ray()
         write_examples(os.path.join(work, "audio"), tracks_per_genre=4, seconds=12.0)
