@@ -1,7 +1,8 @@
 """Fine-tuning: DDPM noise-prediction training of the UNet with Ray Train (DDP; NCCL on GPUs, gloo on CPU).
 
-`train_loop_per_worker` is the notebook's loop with DDP, bf16 autocast (CUDA), gradient accumulation and
-clipping, a warm-up + decay schedule, EMA, samples and checkpoints added in plain sight.
+`train_loop_per_worker` is the notebook's loop with DDP, autocast (`--precision`, audiodiff.devices: bf16 on
+CUDA and on CPUs with native bf16), gradient accumulation and clipping, a warm-up + decay schedule, EMA,
+samples and checkpoints added in plain sight.
 
 Data. The images are decoded once, on Ray Data CPU workers, and stay uint8 until they reach the worker's
 device. A dataset that fits in a quarter of each node's object store is materialised once for the whole run,
@@ -605,6 +606,17 @@ def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str, 
     return history
 
 
+def settings_made_with(recorded: dict) -> dict:
+    """A checkpoint's recorded settings, completed with those added to audiodiff after it was made: such a run
+    behaved as their defaults do, except precision, which before it was a setting was bf16 autocast on CUDA
+    and fp32 on CPU."""
+    made_with = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    made_with |= {f.name: f.default_factory() for f in dataclasses.fields(TrainConfig)
+                  if f.default_factory is not dataclasses.MISSING}
+    made_with["precision"] = "bf16" if recorded.get("gpu") else "fp32"
+    return made_with | recorded
+
+
 def _check_resume(config: TrainConfig) -> None:
     """A run's checkpoints are continued only with --resume, and only with the settings they were made with."""
     run_folder = storage.join(config.checkpoints, RUN_NAME)
@@ -618,7 +630,7 @@ def _check_resume(config: TrainConfig) -> None:
         if before is None:
             raise AudiodiffError(f"{config.output}: its checkpoints were made by an older audiodiff that did not "
                                  "record the run's settings; choose another --output")
-        now = result_settings(config)
+        before, now = settings_made_with(before), result_settings(config)
         changed = sorted(k for k in now if before.get(k) != now[k])
         if changed:
             raise AudiodiffError(f"{config.output}: --resume with settings that change the result: "

@@ -1,6 +1,7 @@
 """--precision: bf16 clips stay within a stated tolerance of fp32 ones, `auto` resolves as audiodiff.devices
 documents, and what cannot run well is refused before any work."""
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audiodiff import devices, models, sampling
+from audiodiff import devices, models, sampling, train
 from audiodiff.cli import build_parser
 from audiodiff.clips import WORK_SCHEMA, ClipMaker
 from audiodiff.encode import png_image
@@ -103,3 +104,21 @@ def test_fp16_on_cpu_fp16_training_and_unknown_precisions_are_refused():
         build_parser().parse_args(["generate", "--model", "tiny", "--output", "x", "--precision", "half"])
     assert build_parser().parse_args(["finetune", "--data", "d", "--model", "tiny", "--output", "o",
                                       "--precision", "bf16"]).precision == "bf16"
+
+
+@pytest.mark.parametrize("gpu, made_with", [(False, "fp32"), (True, "bf16")])
+def test_resume_of_a_checkpoint_from_before_precision_takes_the_precision_it_was_made_with(tmp_path, gpu, made_with):
+    """Checkpoints made before --precision existed record no precision: their runs autocast to bf16 on CUDA and
+    ran fp32 on CPU, so a resume in that precision goes on and one in another is refused, naming both."""
+    def config(precision):
+        return TrainConfig(data="d", model="tiny", output=str(tmp_path), gpu=gpu, precision=precision, resume=True)
+
+    recorded = train.result_settings(config(made_with))
+    del recorded["precision"], recorded["condition"], recorded["label_dropout"]  # settings added since
+    folder = tmp_path / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"step": 5, "config": recorded, "history": []}))
+    train._check_resume(config(made_with))
+    other = "fp32" if made_with == "bf16" else "bf16"
+    with pytest.raises(AudiodiffError, match=f"precision was '{made_with}', now '{other}'"):
+        train._check_resume(config(other))
