@@ -73,8 +73,8 @@ def run_demo(config: DemoConfig) -> dict:
         folder = f"generated-{name}" if name == "untrained" else "generated"
         # DDPM, 100 steps: a model trained for minutes makes noise texture with deterministic DDIM (eta 0), and
         # grey noise floors under the drone and beats with stochastic DDIM (eta 1, 50 or 100 steps), which put
-        # the drone clips nearer the arpeggio audio than their own; DDPM 100 put each genre's clips at least 2.7x
-        # nearer their own genre's audio than any other's (measured on one demo model, `evaluate --by-genre`)
+        # the drone clips nearer the arpeggio audio than their own; with DDPM 100 each genre's clips came out at
+        # least 1.7x nearer their own genre's audio than any other's (`evaluate --by-genre`, two demo runs)
         conditions = {"genres": list(GENRES), "guidance": config.guidance} if source == model else {}
         print(generate_summary(run_generate(GenerateConfig(
             model=source, output=storage.join(output, folder), num_clips=8 if source != model else 6,
