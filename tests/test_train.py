@@ -209,8 +209,8 @@ def test_reads_teticios_saved_datasets_and_checkpoints_and_exports_to_object_sto
     files = storage.list_files(f"{s3_bucket}/model")
     metrics = [json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/model/metrics.jsonl").splitlines()]
     assert [h["step"] for h in metrics] == [2, 4]  # 32 of 36 images, 8 a step
-    saved = [f for f in files if "/checkpoints/finetune/checkpoint_" in f and f.endswith("/ema/config.json")]
-    assert len(saved) == 2  # steps 2 and 4
+    checkpointed = [f for f in files if "/checkpoints/finetune/checkpoint_" in f and f.endswith("/ema/config.json")]
+    assert len(checkpointed) == 2  # steps 2 and 4
     assert f"{s3_bucket}/model/samples/step-4/index.html" in files and f"{s3_bucket}/model/loss.png" in files
     assert any(f.startswith(f"{s3_bucket}/model/logs/events.out.tfevents.") for f in files)
     assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
