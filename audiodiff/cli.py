@@ -39,7 +39,7 @@ def _preprocess_parser(subparsers, common) -> None:
     p.add_argument("--seed", type=int, help="seed for --slices random")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     p.add_argument("--max-seconds", type=float, help="longer tracks become rejects (default: 4 hours)")
-    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
+    p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
 
 
 def _run_preprocess(args) -> None:
@@ -88,7 +88,7 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
     p.add_argument("--stop-at-step", type=int, help="end this run at that step, checkpointed; --resume continues it")
     p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
-    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
+    p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
 
 
 def _run_finetune(args) -> None:
@@ -106,7 +106,7 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
                               epilog="example:\n" + "\n".join(f"  audiodiff {name} {e}" for e in examples))
     p.add_argument("--model", required=True, help="hub id, model folder or URI (a preset: an untrained model)")
     p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
-    p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
+    p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
     sampler = p.add_argument_group("sampler and workers")
     sampler.add_argument("--scheduler", help=f"ddpm or ddim (default: {default_scheduler})")
     sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
@@ -219,8 +219,11 @@ def _evaluate_parser(subparsers, common) -> None:
     p.add_argument("--reference", required=True,
                    help="folder or URI of audio files, a generate output, or a spectrogram dataset from preprocess")
     p.add_argument("--embedding",
-                   help="mel (built in, the default) or a TorchScript module (path or URI) mapping audio to vectors")
+                   help="mel (built in, the default) or a TorchScript module (path or URI) mapping audio to vectors; "
+                        "TorchScript is code (torch.jit.load runs it): use only files you trust")
     p.add_argument("--output", help="also write the result here as JSON (path or URI)")
+    p.add_argument("--shared-path", action="store_true",
+                   help="local --clips and --reference that every node of the cluster mounts")
     p.add_argument("--by-genre", action="store_true",
                    help="also each genre's clips against each genre's reference (genres from the manifest, the "
                         "dataset, or the audio files' folders)")

@@ -33,7 +33,7 @@ from audiodiff.mel import MelCodec, is_silent
 from audiodiff.models import check_scheduler, load_model, make_scheduler, model_identity
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, encode_clip, finished_clips, \
     write_manifest_and_gallery
-from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, require_gpus, worker_errors
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, require_gpus, worker_errors
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
@@ -195,9 +195,10 @@ def _decode(pngs: list[bytes]) -> torch.Tensor:
 
 
 def check_output(config: ClipSettings) -> None:
-    """The output must be one every node writes to, and clips already under it must come from the same
-    settings; the first write also proves the output is writable before any work starts."""
-    check_output_reachable(config.output, config.shared_path)
+    """The output must be one every node writes to, and the model and the audio-to-audio commands' sources ones
+    every node reads; clips already under the output must come from the same settings; the first write also
+    proves the output is writable before any work starts."""
+    check_paths_reachable(config.shared_path, config.output, [config.model, *getattr(config, "sources", [])])
     path = storage.join(config.output, "generation.json")
     settings = {**config.settings(), "weights": model_identity(config.model)}  # the model by its files, not its name
     if storage.exists(path):

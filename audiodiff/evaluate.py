@@ -16,7 +16,8 @@ is one (both must then agree), else diffusers' defaults, `MelConfig()` (256 mels
 Audio is decoded, resampled and cut into that config's slices by the codec, as preprocess does.
 
 A user's embedding (`--embedding model.pt`) is a TorchScript module (`torch.jit.save`; loaded with
-`torch.jit.load`, never unpickled). It receives float32 audio [batch, samples] at its `sample_rate` attribute
+`torch.jit.load`): not a pickle, but a program that runs with the user's rights, as PyTorch's security policy
+says of TorchScript, so only a file the user trusts). It receives float32 audio [batch, samples] at its `sample_rate` attribute
 (16000 Hz when it has none): each audio file is cut into segments as long as the config's mel slices (zero
 padded when shorter than one), a file's segments in one batch; a spectrogram slice is turned back into audio by
 the codec's Griffin-Lim, as generated clips are. It returns [batch, dim] or [batch, n, dim]; every vector
@@ -46,7 +47,7 @@ from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
-from audiodiff.runtime import LIGHT_CPUS, cluster_capacity
+from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 
 # The built-in embedding (see `mel_embedding`): levels in 32 bands, texture and onsets in 16, per window of
 # 16 frames (0.37 s at 22050 Hz, hop 512: a note or a beat).
@@ -68,6 +69,7 @@ class EvaluateConfig:
     embedding: str = "mel"  # "mel", or the path or URI of a TorchScript embedding module
     output: str | None = None  # where the result goes as JSON
     by_genre: bool = False  # also the distance of each genre's clips to each genre's reference
+    shared_path: bool = False  # local --clips and --reference that every node of a multi-node cluster mounts
 
 
 # the pure functions
@@ -315,8 +317,9 @@ def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str)
     if model is None:
         udf = {"fn": _embed_with_mel, "fn_args": (mel,)}
     else:
+        actors = max(1, int(cluster_capacity("CPU", cpu_only=True)))
         udf = {"fn": _Embedder, "fn_constructor_args": (model, mel, source),
-               "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU"))))}
+               "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors)}
     embedded = _items(sides[0]).union(_items(sides[1])).map_batches(
         **udf, batch_size=8, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     return pa.concat_tables(embedded.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -358,6 +361,7 @@ def by_genre(clips: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, 
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Embed both sides on the current Ray, then the Fréchet distance; returns (and writes to
     `config.output` as JSON) the distance, what was compared, and what was rejected."""
+    check_paths_reachable(config.shared_path, inputs=[config.clips, config.reference])  # the workers read both
     sides = [_open_side("clips", config.clips), _open_side("reference", config.reference)]
     mel = _evaluation_mel(sides)
     if config.embedding != "mel" and not storage.exists(config.embedding):

@@ -35,7 +35,7 @@ from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, 
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
-from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, worker_errors
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, worker_errors
 
 # Ray Data restarts a spectrogram actor and retries its batch, without limit, when its worker dies (a node lost, the
 # OOM killer, a crash in a decoder), and Ray retries a write up to this many times. A track whose worker died this
@@ -337,7 +337,7 @@ def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: Preproce
     """Tracks -> SpectrogramMaker's rows (slices or a reject reason per track) on a pool of CPU actors; also
     the audio-to-audio commands' way in (audiodiff.remix)."""
     pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
-            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU")))))
+            ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU", cpu_only=True)))))
     # Ray Data's own actor fault tolerance (restart, retry the batch) applies; `max_restarts` could only be set
     # through the deprecated **ray_remote_args, so TrackTries bounds the tries of a track instead
     return tracks.map_batches(
@@ -354,7 +354,7 @@ def run_preprocess(config: PreprocessConfig) -> dict:
         raise AudiodiffError("give at least one SOURCE")
     if config.limit is not None and config.limit < 1:
         raise AudiodiffError(f"--limit must be at least 1, got {config.limit}")
-    check_output_reachable(config.output, config.shared_path)
+    check_paths_reachable(config.shared_path, config.output, config.sources)
     mel = resolve_mel_config(config)
     started = time.time()
     opened = [open_source(uri, config) for uri in config.sources]

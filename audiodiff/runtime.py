@@ -6,7 +6,10 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import sys
+import tempfile
+from collections.abc import Iterable
 
 import ray
 
@@ -23,6 +26,9 @@ _WORKER_ERROR = re.compile(r"^audiodiff\.errors\.(?:AudiodiffError|BadAudioError
 # waits forever for a CPU on a 2-core machine (as RAY_NOTES.md's Train + Data hang).
 ACTOR_CPUS = 0.75
 LIGHT_CPUS = 0.25
+# What follows the private folder in a local Ray's longest unix socket path (Ray's temp dir, then session_<date>_
+# <time>_<us>_<7-digit pid>/sockets/plasma_store): a socket path holds at most 107 bytes on Linux
+_RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-03_13-45-12_123456_1234567/sockets/plasma_store")
 
 
 def init_ray(address: str | None = None) -> None:
@@ -42,7 +48,31 @@ def init_ray(address: str | None = None) -> None:
     else:
         _loopback_mode()
         # the dashboard serves the State API that Ray Train's controller queries; on loopback only
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 _temp_dir=private_temp_dir())
+
+
+def private_temp_dir() -> str:
+    """Where a local Ray keeps its sessions, logs and unix sockets: inside a folder of this user's that no one else
+    may enter. Ray's default, /tmp/ray, is one folder for every user of the machine, so another user could read the
+    logs or take the name first; and Ray opens whatever temp dir it is given to everyone (chmod 0777), so its dir is
+    `ray` one level down. The folder is under $XDG_RUNTIME_DIR (the user's own, mode 0700) where there is one, else
+    the temp folder; made with mode 0700, and refused if it exists as anything but a folder of this user's that only
+    they can enter (someone made it first)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = (os.path.join(runtime, "audiodiff-ray") if runtime and os.path.isdir(runtime)
+              else os.path.join(tempfile.gettempdir(), f"audiodiff-ray-{os.getuid()}"))
+    if len(folder.encode()) + _RAY_SOCKET_SUFFIX > 107:
+        raise AudiodiffError(f"{folder}: too long a path for Ray's unix sockets (at most "
+                             f"{107 - _RAY_SOCKET_SUFFIX} characters); set TMPDIR to a shorter folder")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    found = os.lstat(folder)  # lstat: a symlink someone planted is refused, not followed
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise AudiodiffError(f"{folder}: the local Ray's temp folder must be a folder of yours that only you can "
+                             f"enter (found {stat.filemode(found.st_mode)}, owner uid {found.st_uid}); remove it, "
+                             "or point XDG_RUNTIME_DIR or TMPDIR at a folder of your own")
+    return os.path.join(folder, "ray")
 
 
 def _loopback_mode() -> None:
@@ -55,49 +85,85 @@ def _loopback_mode() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = value.lower() in ("1", "true")
 
 
-def cluster_capacity(resource: str) -> float:
+def cluster_capacity(resource: str, cpu_only: bool = False) -> float:
     """How much of a resource (e.g. "GPU") the cluster has, or can grow to where an autoscaler reports its node
-    groups (KubeRay, the cluster launcher): GPU workers often start at zero and come when a job asks for them."""
-    return max(ray.cluster_resources().get(resource, 0), _autoscaling_limits().get(resource, 0))
+    groups (KubeRay, the cluster launcher): GPU workers often start at zero and come when a job asks for them.
+    `cpu_only` counts only the nodes without GPUs, where Ray's scheduler puts CPU-only work (preprocessing) while
+    there are such nodes; where there are none (a workstation with a GPU), every node's."""
+    def total(keep) -> float:
+        return max(_live_total(resource, keep), _group_total(resource, keep))
+
+    return (cpu_only and total(lambda r: not r.get("GPU"))) or total(lambda r: True)
 
 
-def _autoscaling_limits() -> dict:
-    """The most of each resource the autoscaler's node groups reach, read where Ray Data and Ray Train read it: a
-    private API in Ray 2.60. Should it move, count the nodes that are up, and say so."""
+def largest_node(resource: str) -> float:
+    """The most of a resource one node has or an autoscaler's node group gives its nodes: what a single worker can
+    be given, and how many GPUs DDP finds inside one node."""
+    return max([r.get(resource, 0) for r in _live_nodes()] + [r.get(resource, 0) for r, _ in _node_groups()],
+               default=0)
+
+
+def smallest_object_store() -> float:
+    """Bytes of the smallest object store of a live node: data held for every worker must fit on each node. Node
+    groups do not report theirs, so with every worker node at zero this is 0 (and fine-tuning streams)."""
+    return min((n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n["Alive"]
+                and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0), default=0)
+
+
+def _live_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def _node_groups() -> list[tuple[dict, float]]:
+    """The autoscaler's node groups: (resources of one node, the most nodes it grows to), read where Ray Data and
+    Ray Train read them, through a private API in Ray 2.60. Should it move, count the nodes that are up, and say
+    so. A group without a limit (-1) counts as Ray counts it, without bound."""
     try:
         from ray._private.state import state
 
-        return state.get_max_resources_from_cluster_config() or {}
+        config = state.get_cluster_config()
     except Exception as e:  # noqa: BLE001 - whatever a private API's change raises, the job goes on without it
         log.warning("cannot read the autoscaler's node groups from Ray (%s: %s); counting only the nodes that are up, "
                     "so worker groups that start at zero do not count: pass --num-cpus / --num-workers to size the "
                     "job", type(e).__name__, e)
-        return {}
+        return []
+    if config is None:
+        return []
+    return [(dict(g.resources), sys.maxsize if g.max_count == -1 else g.max_count) for g in config.node_group_configs]
 
 
-def check_output_reachable(output: str, shared_path: bool) -> None:
-    """Refuses, before any work, a local output path on a cluster that has or can grow more than one node: every
-    node would write its share to its own disk. Every stage that writes calls it."""
-    if shared_path or storage.is_remote(output):
+def check_paths_reachable(shared_path: bool, output: str | None = None, inputs: Iterable[str] = ()) -> None:
+    """Refuses, before any work, local paths on a cluster that has or can grow more than one node: a local output
+    (every node would write its share to its own disk) and local inputs that workers read (a model folder, a
+    dataset, audio: the other nodes do not have them). Hub ids, presets and object-storage URIs are fine; so is
+    a path every node mounts (`shared_path`). Every stage calls it with what its workers read and write."""
+    from audiodiff.models import PRESETS
+
+    local = [p for p in inputs if p not in PRESETS and _local_path(p)]
+    if output is not None and not storage.is_remote(output):
+        local.insert(0, output)
+    if shared_path or not local:
         return
-    nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    grows = any(_autoscaling_limits().get(r, 0) > ray.cluster_resources().get(r, 0) for r in ("CPU", "GPU"))
+    nodes = len(_live_nodes())
+    grows = any(_group_total(r) > _live_total(r) for r in ("CPU", "GPU"))
     if nodes > 1 or grows:
         size = f"{nodes} nodes" + (" and can add more" if grows else "")
-        raise AudiodiffError(f"{output}: a local path, but the Ray cluster has {size}, each of which would write to "
-                             "its own disk; give an object-storage URI (s3://..., gs://...), or pass --shared-path "
-                             "if every node mounts this path")
+        what = "writes to" if local[0] == output else "reads from"
+        raise AudiodiffError(f"{local[0]}: a local path, but the Ray cluster has {size}, each of which {what} its "
+                             "own disk; give an object-storage URI (s3://..., gs://...), or pass --shared-path if "
+                             "every node mounts this path")
 
 
-def largest_node(resource: str) -> float:
-    """The most of a resource one live node has: what a single worker can be given."""
-    return max((n["Resources"].get(resource, 0) for n in ray.nodes() if n["Alive"]), default=0)
+def _local_path(name: str) -> bool:
+    return not storage.is_remote(name) and (os.path.exists(name) or name.startswith("file://"))
 
 
-def smallest_object_store() -> float:
-    """Bytes of the smallest object store of a live node: data held for every worker must fit on each node."""
-    return min((n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n["Alive"]
-                and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0), default=0)
+def _live_total(resource: str, keep=lambda node: True) -> float:
+    return sum(r.get(resource, 0) for r in _live_nodes() if keep(r))
+
+
+def _group_total(resource: str, keep=lambda node: True) -> float:
+    return sum(r.get(resource, 0) * count for r, count in _node_groups() if keep(r))
 
 
 def require_gpus(needed: int, asked_by: str) -> None:

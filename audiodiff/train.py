@@ -54,7 +54,7 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
 from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
-from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, largest_node, require_gpus,
+from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, largest_node, require_gpus,
                                smallest_object_store)
 
 RUN_NAME = "finetune"
@@ -650,7 +650,7 @@ def run_finetune(config: TrainConfig) -> dict:
         raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
-    check_output_reachable(config.output, config.shared_path)
+    check_paths_reachable(config.shared_path, config.output, [config.data, config.model])
     # Ray Train workers run in a directory of their own: local paths must be absolute
     config = dataclasses.replace(config, output=storage.absolute(config.output),
                                  model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)

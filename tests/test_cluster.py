@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import uuid
@@ -19,7 +20,7 @@ import soundfile
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from audiodiff import models, storage
-from audiodiff.runtime import cluster_capacity
+from audiodiff.runtime import cluster_capacity, private_temp_dir
 from audiodiff.synth import write_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_capacity_falls_back_to_the_nodes_that_are_up_when_ray_moves_its_private
     import ray
     from ray._private.state import state
 
-    monkeypatch.delattr(type(state), "get_max_resources_from_cluster_config")
+    monkeypatch.delattr(type(state), "get_cluster_config")
     with autoscaler_groups():
         assert cluster_capacity("CPU") == ray.cluster_resources()["CPU"] and cluster_capacity("GPU") == 0
     assert "cannot read the autoscaler's node groups from Ray (AttributeError" in caplog.text
@@ -200,9 +201,9 @@ def test_capacity_falls_back_to_the_nodes_that_are_up_when_ray_moves_its_private
 
 def test_a_local_output_is_refused_before_work_on_a_cluster_of_more_than_one_node(local_ray, tmp_path, capsys):
     from audiodiff.cli import main
-    from audiodiff.runtime import check_output_reachable
+    from audiodiff.runtime import check_paths_reachable
 
-    check_output_reachable(str(tmp_path / "out"), shared_path=False)  # one node, no autoscaler: a local path is fine
+    check_paths_reachable(False, str(tmp_path / "out"))  # one node, no autoscaler: a local path is fine
     with autoscaler_groups():  # a head now, worker nodes when jobs ask for them
         for stage, args in (("preprocess", [str(tmp_path), "--model", "tiny"]),
                             ("finetune", ["--data", str(tmp_path), "--model", "tiny"])):
@@ -211,8 +212,8 @@ def test_a_local_output_is_refused_before_work_on_a_cluster_of_more_than_one_nod
             assert f"{tmp_path / stage}: a local path, but the Ray cluster has 1 nodes and can add more" in error
             assert "give an object-storage URI (s3://..., gs://...), or pass --shared-path" in error
             assert not (tmp_path / stage).exists()
-        check_output_reachable(str(tmp_path / "out"), shared_path=True)
-        check_output_reachable("s3://bucket/out", shared_path=False)
+        check_paths_reachable(True, str(tmp_path / "out"))
+        check_paths_reachable(False, "s3://bucket/out")
 
 
 # Run in a process of its own with the user's environment minus the loopback variable: a local Ray, one task.
@@ -223,6 +224,7 @@ init_ray()
 ray.get(ray.remote(lambda: 0).remote())
 me = psutil.Process()
 pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+print(ray._private.worker._global_node.get_temp_dir_path())
 print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections("inet")
                          if c.pid in pids and c.status == psutil.CONN_LISTEN})))
 ray.shutdown()
@@ -247,10 +249,13 @@ def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_A
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_a_local_ray_listens_on_loopback_only_without_the_users_export():
+def test_a_local_ray_listens_on_loopback_only_without_the_users_export_and_keeps_its_files_private():
     run = python_in_own_session(_LOCAL_RUN, drop=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"))
-    listening = [ipaddress.ip_address(a) for a in json.loads(run.stdout.splitlines()[-1])]
+    *_, temp_dir, sockets = run.stdout.splitlines()
+    listening = [ipaddress.ip_address(a) for a in json.loads(sockets)]
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
+    # not /tmp/ray: in a folder only the user can enter (Ray opens its own dir to everyone)
+    assert temp_dir == private_temp_dir() and stat.S_IMODE(os.stat(os.path.dirname(temp_dir)).st_mode) == 0o700
 
 
 # Two Ray nodes on loopback in a process of their own (this session's Ray is a single node), a CPU each, and every
