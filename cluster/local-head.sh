@@ -6,18 +6,49 @@
 #   cluster/local-head.sh stop
 #
 # Start it from the environment the jobs should run in: a submitted job's `python` is the one on the head's PATH.
-# AUDIODIFF_HEAD_DIR (default /tmp/audiodiff-head-$UID) holds its pid, log and Ray's temp dir;
-# AUDIODIFF_DASHBOARD_PORT (default 8265) is the dashboard and job API port. The token is Ray's own:
-# RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (made here if none of them is set).
+# AUDIODIFF_HEAD_DIR holds its pid, log and Ray's temp dir: a folder only you can enter (mode 0700, yours, not a link;
+# one that is not is refused, so a name another user made first is never trusted), by default
+# $XDG_RUNTIME_DIR/audiodiff-head, else ${TMPDIR:-/tmp}/audiodiff-head-$UID (short: Ray's unix socket paths end
+# 68 characters below it, of 107). AUDIODIFF_DASHBOARD_PORT (default 8265) is the dashboard and job API
+# port. The token is Ray's own: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (made here if none is set).
 set -euo pipefail
+umask 077  # the state folder, the log and Ray's files are the user's alone
 
-state="$(realpath -m "${AUDIODIFF_HEAD_DIR:-/tmp/audiodiff-head-$(id -u)}")"
+if [[ -n "${AUDIODIFF_HEAD_DIR:-}" ]]; then
+  state="$(realpath -m "$AUDIODIFF_HEAD_DIR")"
+elif [[ -d "${XDG_RUNTIME_DIR:-}" ]]; then
+  state="$XDG_RUNTIME_DIR/audiodiff-head"
+else
+  state="${TMPDIR:-/tmp}/audiodiff-head-$(id -u)"
+fi
 address="http://127.0.0.1:${AUDIODIFF_DASHBOARD_PORT:-8265}"
 # Without this Ray swaps 127.0.0.1 for the machine's other address; with it nothing leaves loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE=token
 
-running() { [[ -f "$state/head.pid" ]] && [[ -n "$(alive "$(cat "$state/head.pid")")" ]]; }
+# The state folder, made if need be; refused unless it is a folder (not a link) of this user's that only they can
+# enter: everything `stop` kills is named by the pid kept there.
+private_state() {
+  mkdir -p "$state"
+  if [[ -L "$state" || ! -d "$state" || "$(stat -c %u "$state")" != "$(id -u)" ]] \
+     || (( 8#$(stat -c %a "$state") & 8#077 )); then
+    echo "$state: not a folder of yours that only you can enter ($(stat -c '%A, owner %U' "$state")); remove it," \
+      "or set AUDIODIFF_HEAD_DIR to a folder of your own with mode 0700" >&2
+    exit 1
+  fi
+}
+
+# The head this script started from $state: the pid kept there is alive, runs as this user, leads its own session,
+# and is `ray start --head` with this folder's temp dir (a reused pid is not ours to end).
+running() {
+  [[ -f "$state/head.pid" ]] || return 1
+  local pid
+  pid="$(cat "$state/head.pid")"
+  [[ "$pid" =~ ^[0-9]+$ && -n "$(alive "$pid")" ]] || return 1
+  [[ "$(ps -o uid= -p "$pid" | tr -d ' ')" == "$(id -u)" && "$(ps -o sid= -p "$pid" | tr -d ' ')" == "$pid" ]] \
+    || return 1
+  [[ "$(ps -o args= -p "$pid")" == *"ray start --head"*"--temp-dir=$state/ray"* ]]
+}
 
 # Those of the given pids that still run (a zombie has finished; where pid 1 does not reap, they stay).
 alive() {
@@ -25,9 +56,10 @@ alive() {
   ps -o pid=,stat= -p "$*" 2>/dev/null | awk '$2 !~ /^Z/ { print $1 }' || true
 }
 
-# The head's session and all descendants of its processes: job drivers run in sessions of their own.
+# The head's session and all descendants of its processes (job drivers run in sessions of their own), this user's only.
 session_tree() {
-  ps -eo pid=,ppid=,sid= | awk -v sid="$1" '
+  ps -eo pid=,ppid=,sid=,uid= | awk -v sid="$1" -v uid="$(id -u)" '
+    $4 != uid { next }
     { parent[$1] = $2; if ($3 == sid) tree[$1] = 1 }
     END {
       do { grew = 0; for (p in parent) if (!(p in tree) && (parent[p] in tree)) { tree[p] = 1; grew = 1 } } while (grew)
@@ -40,7 +72,6 @@ start() {
     echo "a head is already running from $state (session $(cat "$state/head.pid")); stop it first" >&2
     exit 1
   fi
-  mkdir -p "$state"
   if [[ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then ray get-auth-token --generate >/dev/null; fi
   # A session of its own, so that `stop` ends exactly these processes (never `ray stop`, which ends any Ray).
   setsid ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
@@ -96,6 +127,7 @@ status() {
 }
 
 command="${1:-}"
+private_state
 case "$command" in
   start) shift; start "$@" ;;
   stop) stop ;;

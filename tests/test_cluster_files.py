@@ -1,8 +1,11 @@
 """cluster/: the manifests, launcher YAML and image definition parse and carry what Ray and KubeRay need, expose
 nothing beyond the cluster network and hold no credentials."""
 
+import os
 import re
 import shlex
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,51 @@ def test_no_credentials_in_cluster_files():
                 assert mapping["value"].startswith("/etc/"), mapping
             else:
                 assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", mapping["name"]), mapping
+
+
+def head_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """cluster/local-head.sh with only the given state variables set (no Ray starts for `status` and `stop`)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("AUDIODIFF_HEAD_DIR", "XDG_RUNTIME_DIR", "TMPDIR")}
+    return subprocess.run([str(CLUSTER / "local-head.sh"), *args], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_local_head_keeps_its_state_in_a_folder_only_the_user_can_enter(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    assert head_script("status", XDG_RUNTIME_DIR=str(runtime)).returncode == 1  # no head, but the folder is made
+    made = (runtime / "audiodiff-head").stat()
+    assert stat.S_IMODE(made.st_mode) == 0o700 and made.st_uid == os.getuid()
+    default = tmp_path / f"audiodiff-head-{os.getuid()}"
+    assert head_script("status", TMPDIR=str(tmp_path)).stdout == f"no head running from {default}\n"
+    assert stat.S_IMODE(default.stat().st_mode) == 0o700
+    assert "umask 077" in (CLUSTER / "local-head.sh").read_text()  # the log and Ray's files: the user's alone
+
+
+@pytest.mark.parametrize("kind", ["open to others", "a link"])
+def test_local_head_refuses_a_state_folder_others_can_enter_or_a_link(tmp_path, kind):
+    state = tmp_path / "state"
+    if kind == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o777)
+        state.symlink_to(tmp_path / "elsewhere")
+    else:
+        state.mkdir()
+        state.chmod(0o755)
+    for command in ("start", "status", "stop"):
+        result = head_script(command, AUDIODIFF_HEAD_DIR=str(state))
+        assert result.returncode == 1 and "not a folder of yours that only you can enter" in result.stderr, command
+
+
+def test_local_head_stop_ends_only_the_head_it_started(tmp_path):
+    """A pid in head.pid that is not this folder's `ray start --head` (a swapped file, a reused pid) is left alone."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own session, as the head does
+    try:
+        (state / "head.pid").write_text(f"{other.pid}\n")
+        stop = head_script("stop", AUDIODIFF_HEAD_DIR=str(state))
+        assert stop.returncode == 0 and stop.stdout == f"no head running from {state}\n"
+        assert other.poll() is None and not (state / "head.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
