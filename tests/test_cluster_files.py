@@ -1,15 +1,18 @@
 """cluster/: the manifests, launcher YAML and image definition parse and carry what Ray and KubeRay need, expose
 nothing beyond the cluster network and hold no credentials."""
 
+import json
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 
 from audiodiff import __version__
@@ -59,7 +62,12 @@ def test_ray_cluster_runs_our_image_and_ray_version_with_an_autoscaled_gpu_group
             assert container["image"] == IMAGE and uses_the_token(container, pod["volumes"])
     assert not any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in head)
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
-    assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
+    # whole multi-GPU nodes: DDP's all-reduce stays inside a node (issue 24: 1-GPU pods all-reduce over TCP)
+    assert gpu["limits"] == gpu["requests"] and int(gpu["limits"]["nvidia.com/gpu"]) >= 4
+    [finetune] = KUBERAY["rayjob-finetune.yaml"]
+    workers = int(shlex.split(finetune["spec"]["entrypoint"])[shlex.split(finetune["spec"]["entrypoint"]).index(
+        "--num-workers") + 1])
+    assert workers <= int(gpu["limits"]["nvidia.com/gpu"])  # the fine-tune's workers fit in one GPU pod
     for group in groups.values():
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > 0
 
@@ -83,7 +91,7 @@ def test_launcher_has_a_cpu_head_gpu_workers_and_a_loopback_dashboard():
     nodes = LAUNCHER["available_node_types"]
     assert LAUNCHER["provider"]["type"] == "aws" and LAUNCHER["docker"]["image"] == IMAGE
     assert nodes[LAUNCHER["head_node_type"]]["resources"] == {"CPU": 0}
-    assert nodes["gpu_worker"]["resources"]["GPU"] >= 1
+    assert nodes["gpu_worker"]["resources"]["GPU"] >= 4  # whole multi-GPU instances, not 1-GPU g5.2xlarge
     for name, node in nodes.items():
         if name != LAUNCHER["head_node_type"]:
             assert 0 <= node["min_workers"] <= node["max_workers"] <= LAUNCHER["max_workers"]
@@ -187,3 +195,85 @@ def test_local_head_stop_ends_only_the_head_it_started(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_pods_run_as_non_root_without_privilege_escalation():
+    pods = [d["spec"]["headGroupSpec"]["template"]["spec"] for d in documents("RayCluster")]
+    pods += [g["template"]["spec"] for d in documents("RayCluster") for g in d["spec"]["workerGroupSpecs"]]
+    pods += [d["spec"]["submitterPodTemplate"]["spec"] for d in documents("RayJob")]
+    assert len(pods) == 6
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+            assert not context.get("privileged") and "runAsUser" not in context
+
+
+def test_ray_jobs_name_the_published_hub_model():
+    for stage in ("preprocess", "finetune"):
+        [job] = KUBERAY[f"rayjob-{stage}.yaml"]
+        args = shlex.split(job["spec"]["entrypoint"])
+        assert args[args.index("--model") + 1] == "teticio/audio-diffusion-instrumental-hiphop-256", stage
+
+
+def test_launcher_nodes_use_our_security_group_roles_and_an_ami_with_the_driver_we_need():
+    nodes = LAUNCHER["available_node_types"]
+    for name, node in nodes.items():
+        config = node["node_config"]
+        # a group of the user's on every node type: the launcher makes one that admits SSH from 0.0.0.0/0 otherwise
+        assert config["SecurityGroupIds"] and "ImageId" in config, name
+        assert config["IamInstanceProfile"]["Name"] == ("audiodiff-head" if name == LAUNCHER["head_node_type"]
+                                                        else "audiodiff-bucket"), name
+    start = LAUNCHER["worker_start_ray_commands"]
+    assert start.index("audiodiff-check-gpu") < next(i for i, c in enumerate(start) if "ray start" in c)
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "COPY --chown=ray:users cluster/check-gpu.sh /home/ray/bin/audiodiff-check-gpu" in dockerfile
+    assert "ENV PATH=/home/ray/bin:$PATH" in dockerfile
+    if torch.version.cuda:  # the build checks the CUDA build the driver requirement is stated for: pyproject's torch
+        assert f"torch.version.cuda == '{torch.version.cuda}'" in dockerfile and torch.version.cuda == "13.0"
+
+
+def test_the_head_role_in_the_readme_is_scoped():
+    readme = (CLUSTER / "README.md").read_text()
+    policy = json.loads(re.search(r"```json\n(.*?)```", readme, re.S).group(1))
+    statements = {s["Sid"]: s for s in policy["Statement"]}
+    actions = [a for s in statements.values() for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+    assert not any(a.endswith("*") for a in actions)  # no ec2:*, s3:*
+    nodes = LAUNCHER["available_node_types"]
+    launched = statements["AutoscalerLaunches"]["Condition"]["StringEqualsIfExists"]["ec2:InstanceType"]
+    assert sorted(launched) == sorted(n["node_config"]["InstanceType"] for name, n in nodes.items()
+                                      if name != LAUNCHER["head_node_type"])
+    ends = statements["AutoscalerEndsItsOwnNodes"]["Condition"]["StringEquals"]
+    assert ends == {"ec2:ResourceTag/ray-cluster-name": LAUNCHER["cluster_name"]}
+    assert statements["WorkersRole"]["Resource"].endswith(":role/audiodiff-bucket")
+    assert all(s["Resource"].startswith("arn:aws:s3:::your-bucket") for sid, s in statements.items() if "Bucket" in sid)
+
+
+def fake_nvidia_smi(folder: Path, rows: str) -> dict:
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{rows}'\n")
+    (folder / "nvidia-smi").chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("rows, refused", [
+    ("0, NVIDIA H100 80GB HBM3, 580.65.06, 9.0\\n1, NVIDIA H100 80GB HBM3, 580.65.06, 9.0\\n", None),
+    ("0, NVIDIA A10G, 570.133.20, 8.6\\n", "GPU 0: driver 570.133.20 is older than R580"),
+    ("0, Tesla V100-SXM2-16GB, 580.65.06, 7.0\\n", "compute capability 7.0) is not supported by CUDA 13.0"),
+])
+def test_a_gpu_node_whose_driver_or_gpu_cannot_run_the_image_is_refused_by_name(tmp_path, rows, refused):
+    check = subprocess.run([str(CLUSTER / "check-gpu.sh")], env=fake_nvidia_smi(tmp_path, rows),
+                           capture_output=True, text=True, timeout=60)
+    assert check.stdout.startswith("GPU 0: ")
+    if refused is None:
+        assert (check.returncode, check.stderr) == (0, "")
+    else:
+        assert check.returncode == 1 and refused in check.stderr
+
+
+def test_a_node_without_nvidia_smi_is_a_cpu_node(tmp_path):
+    (tmp_path / "bash").symlink_to(shutil.which("bash"))  # a PATH with bash and nothing else
+    check = subprocess.run(["bash", str(CLUSTER / "check-gpu.sh")], env={**os.environ, "PATH": str(tmp_path)},
+                           capture_output=True, text=True, timeout=60)
+    assert (check.returncode, check.stdout, check.stderr) == (0, "", "")
