@@ -63,8 +63,8 @@ def private_temp_dir() -> str:
     folder = (os.path.join(runtime, "audiodiff-ray") if runtime and os.path.isdir(runtime)
               else os.path.join(tempfile.gettempdir(), f"audiodiff-ray-{os.getuid()}"))
     if len(folder.encode()) + _RAY_SOCKET_SUFFIX > 107:
-        raise AudiodiffError(f"{folder}: too long a path for Ray's unix sockets (at most "
-                             f"{107 - _RAY_SOCKET_SUFFIX} characters); point XDG_RUNTIME_DIR or TMPDIR at a shorter folder")
+        raise AudiodiffError(f"{folder}: too long a path for Ray's unix sockets (at most {107 - _RAY_SOCKET_SUFFIX} "
+                             "characters); point XDG_RUNTIME_DIR or TMPDIR at a shorter folder")
     with contextlib.suppress(FileExistsError):
         os.mkdir(folder, 0o700)
     found = os.lstat(folder)  # lstat: a symlink someone planted is refused, not followed
