@@ -361,7 +361,6 @@ def by_genre(clips: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, 
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Embed both sides on the current Ray, then the Fréchet distance; returns (and writes to
     `config.output` as JSON) the distance, what was compared, and what was rejected."""
-    check_paths_reachable(config.shared_path, inputs=[config.clips, config.reference])  # the workers read both
     sides = [_open_side("clips", config.clips), _open_side("reference", config.reference)]
     mel = _evaluation_mel(sides)
     if config.embedding != "mel" and not storage.exists(config.embedding):
@@ -369,6 +368,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     model = None if config.embedding == "mel" else storage.read_bytes(config.embedding)
     if model is not None:  # a module that does not load or gives the wrong shape stops here, before any worker
         _ScriptedEmbedding(model, mel, config.embedding).of_audio(np.zeros(1, np.float32))
+    check_paths_reachable(config.shared_path, inputs=[config.clips, config.reference])  # the workers read both
     rows = _embed(sides, model, mel, config.embedding)
     summaries, statistics, rejected, labelled = {}, [], [], []
     for side in sides:

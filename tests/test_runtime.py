@@ -17,6 +17,7 @@ from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
 from audiodiff import runtime
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import new_model, save_model
+from audiodiff.synth import write_examples
 
 HEAD = {"CPU": 0, "memory": 32e9, "object_store_memory": 8e9}  # drivers only, as in cluster/
 
@@ -77,8 +78,8 @@ def stages(tmp_path, model_folder):
     from audiodiff.train import TrainConfig, run_finetune
 
     audio, data = tmp_path / "audio", tmp_path / "spectrograms"
-    audio.mkdir(exist_ok=True)
     data.mkdir(exist_ok=True)
+    write_examples(str(audio), tracks_per_genre=1, seconds=1.0)
     return {
         "preprocess": (run_preprocess, PreprocessConfig(sources=[str(audio)], output="s3://b/d"), str(audio)),
         "finetune": (run_finetune, TrainConfig(data=str(data), model="tiny", output="s3://b/m"), str(data)),
@@ -86,7 +87,7 @@ def stages(tmp_path, model_folder):
                            model_folder),
         "generate": (run_generate, GenerateConfig(model=model_folder, output="s3://b/c"), model_folder),
         "remix": (run_remix, RemixConfig(model="tiny", output="s3://b/r", sources=[str(audio)]), str(audio)),
-        "evaluate": (run_evaluate, EvaluateConfig(clips=str(audio), reference="s3://b/d"), str(audio)),
+        "evaluate": (run_evaluate, EvaluateConfig(clips=str(audio), reference=str(audio)), str(audio)),
     }
 
 
