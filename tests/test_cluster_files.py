@@ -168,17 +168,19 @@ def test_local_head_keeps_its_state_in_a_folder_only_the_user_can_enter(tmp_path
     assert "umask 077" in (CLUSTER / "local-head.sh").read_text()  # the log and Ray's files: the user's alone
 
 
-@pytest.mark.parametrize("kind", ["open to others", "a link"])
+@pytest.mark.parametrize("kind", ["open to others", "a link planted at the default name"])
 def test_local_head_refuses_a_state_folder_others_can_enter_or_a_link(tmp_path, kind):
-    state = tmp_path / "state"
-    if kind == "a link":
-        (tmp_path / "elsewhere").mkdir(mode=0o777)
-        state.symlink_to(tmp_path / "elsewhere")
-    else:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    state = runtime / "audiodiff-head"
+    if kind == "open to others":
         state.mkdir()
         state.chmod(0o755)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        state.symlink_to(tmp_path / "elsewhere")
     for command in ("start", "status", "stop"):
-        result = head_script(command, AUDIODIFF_HEAD_DIR=str(state))
+        result = head_script(command, XDG_RUNTIME_DIR=str(runtime))
         assert result.returncode == 1 and "not a folder of yours that only you can enter" in result.stderr, command
 
 
