@@ -40,12 +40,12 @@ def training_step(unet, height: int, width: int) -> tuple[int, int]:
     return counter.get_total_flops(), sum(size for storage, size in saved.items() if storage not in weights)
 
 
-def main() -> None:
+def count() -> dict:
     unet = models.new_model("full").unet.to("meta").train()
     parameters = sum(p.numel() for p in unet.parameters())
     standard, extended = forward_flops(unet, 256, 256), forward_flops(unet, 256, 1024)
     train_flops, activations = training_step(unet, 256, 256)
-    figures = {
+    return {
         "parameters": parameters,
         "weights_fp32_bytes": parameters * 4, "weights_bf16_bytes": parameters * 2,
         "ddp_gradient_fp32_bytes": parameters * 4, "ddp_gradient_bf16_bytes": parameters * 2,
@@ -55,11 +55,17 @@ def main() -> None:
         "train_step_gflop_256x256": train_flops / 1e9,
         "saved_activations_fp32_bytes_per_image_256x256": activations,
     }
-    print(f"full UNet: {parameters / 1e6:.1f} M parameters, {parameters * 4 / 1e6:.0f} MB of fp32 weights "
-          f"(and of DDP's fp32 gradients per step)")
-    print(f"forward, batch 1: {standard / 1e9:.1f} GFLOP at 256x256, {extended / 1e9:.1f} GFLOP at 256x1024")
-    print(f"training step at 256x256: {train_flops / 1e9:.1f} GFLOP per image, "
-          f"{activations / 2**30:.2f} GiB of fp32 activations kept for the backward")
+
+
+def main() -> None:
+    figures = count()
+    print(f"full UNet: {figures['parameters'] / 1e6:.1f} M parameters, {figures['weights_fp32_bytes'] / 1e6:.0f} MB "
+          "of fp32 weights (and of DDP's fp32 gradients per step)")
+    print(f"forward, batch 1: {figures['forward_gflop_256x256']:.1f} GFLOP at 256x256, "
+          f"{figures['forward_gflop_256x1024']:.1f} GFLOP at 256x1024")
+    print(f"training step at 256x256: {figures['train_step_gflop_256x256']:.1f} GFLOP per image, "
+          f"{figures['saved_activations_fp32_bytes_per_image_256x256'] / 1e9:.2f} GB of fp32 activations kept "
+          "for the backward")
     print(json.dumps(figures))
 
 

@@ -1,6 +1,7 @@
 """cluster/: the manifests, launcher YAML and image definition parse and carry what Ray and KubeRay need, expose
 nothing beyond the cluster network and hold no credentials."""
 
+import importlib.util
 import json
 import os
 import re
@@ -279,3 +280,19 @@ def test_a_node_without_nvidia_smi_is_a_cpu_node(tmp_path):
     check = subprocess.run(["bash", str(CLUSTER / "check-gpu.sh")], env={**os.environ, "PATH": str(tmp_path)},
                            capture_output=True, text=True, timeout=60)
     assert (check.returncode, check.stdout, check.stderr) == (0, "", "")
+
+
+def test_the_sizing_tables_quote_the_counted_flops_and_bytes():
+    """cluster/README.md's "Scale on paper" derives from benchmarks/count_flops.py's figures: they must be its own."""
+    script = CLUSTER.parent / "benchmarks" / "count_flops.py"
+    spec = importlib.util.spec_from_file_location("count_flops", script)
+    count_flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count_flops)
+    counted = count_flops.count()
+    readme = (CLUSTER / "README.md").read_text().replace("\n", " ")
+    for figure in (f"{counted['parameters']:,} parameters", f"{counted['forward_gflop_256x256']:,.1f} GFLOP at 256x256",
+                   f"{counted['forward_gflop_256x1024']:,.1f} GFLOP at 256x1024",
+                   f"{counted['train_step_gflop_256x256']:,.1f} GFLOP per 256x256 image",
+                   f"weights {counted['weights_fp32_bytes'] / 1e6:.1f} MB in fp32",
+                   f"{counted['saved_activations_fp32_bytes_per_image_256x256'] / 1e9:.2f} GB per image"):
+        assert figure in readme, figure
