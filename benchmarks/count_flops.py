@@ -6,8 +6,11 @@ cluster/README.md's sizing tables are derived from.
     python benchmarks/count_flops.py
 
 Counted by torch (`FlopCounterMode`: 2 FLOPs per multiply-add of convolutions, matmuls and attention) on the
-meta device, batch 1: shapes only, no arithmetic, so it takes seconds on any machine. Norms, activations and
-additions are not counted (a few percent, and memory-bound on a GPU anyway). The last line is one JSON object.
+meta device, batch 1: shapes only, no arithmetic, so it takes seconds on any machine. There attention decomposes
+into matmuls that are counted; on CPU tensors torch has no formula for its flash-attention kernel and leaves them
+out (495.7 instead of 496.4 GFLOP at 256x256, 1,982.9 instead of 1,993.8 at 256x1024: BENCHMARKS.md's earlier
+count). Norms, activations and additions are not counted (memory-bound on a GPU anyway). The last line is one
+JSON object.
 """
 
 import json
