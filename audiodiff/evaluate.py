@@ -16,12 +16,12 @@ is one (both must then agree), else diffusers' defaults, `MelConfig()` (256 mels
 Audio is decoded, resampled and cut into that config's slices by the codec, as preprocess does.
 
 A user's embedding (`--embedding model.pt`) is a TorchScript module (`torch.jit.save`; loaded with
-`torch.jit.load`): not a pickle, but a program that runs with the user's rights, as PyTorch's security policy
-says of TorchScript, so only a file the user trusts). It receives float32 audio [batch, samples] at its `sample_rate` attribute
-(16000 Hz when it has none): each audio file is cut into segments as long as the config's mel slices (zero
-padded when shorter than one), a file's segments in one batch; a spectrogram slice is turned back into audio by
-the codec's Griffin-Lim, as generated clips are. It returns [batch, dim] or [batch, n, dim]; every vector
-counts.
+`torch.jit.load`). That is not a pickle, but a program that runs with the user's rights, as PyTorch's security
+policy says of TorchScript: only a file the user trusts. It receives float32 audio [batch, samples] at its
+`sample_rate` attribute (16000 Hz when it has none): each audio file is cut into segments as long as the config's
+mel slices (zero padded when shorter than one), a file's segments in one batch; a spectrogram slice is turned back
+into audio by the codec's Griffin-Lim, as generated clips are. It returns [batch, dim] or [batch, n, dim]; every
+vector counts.
 
 A file that does not decode, or an image that is not the dataset's size, is skipped and reported in
 `rejected`; the run carries on. A side with fewer than two vectors stops the run.
