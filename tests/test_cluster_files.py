@@ -205,6 +205,9 @@ def test_pods_run_as_non_root_without_privilege_escalation():
     pods += [g["template"]["spec"] for d in documents("RayCluster") for g in d["spec"]["workerGroupSpecs"]]
     pods += [d["spec"]["submitterPodTemplate"]["spec"] for d in documents("RayJob")]
     assert len(pods) == 6
+    [cluster] = documents("RayCluster")
+    autoscaler = cluster["spec"]["autoscalerOptions"]["securityContext"]  # a container the operator adds to the head
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
