@@ -6,7 +6,6 @@ import os
 import shutil
 import stat
 import tempfile
-
 from pathlib import Path
 
 import pytest
@@ -35,16 +34,16 @@ def cluster(monkeypatch):
 
 
 def kuberay(cluster) -> None:
-    """raycluster.yaml as the autoscaler reports it, only the head up: 16-CPU pods and 8-GPU pods, from zero."""
-    cluster([HEAD], [("cpu", {"CPU": 16}, 16), ("gpu", {"CPU": 96, "GPU": 8}, 2)])
+    """raycluster.yaml as the autoscaler reports it, only the head up: 16-CPU pods and 4-GPU pods, from zero."""
+    cluster([HEAD], [("cpu", {"CPU": 16}, 16), ("gpu", {"CPU": 44, "GPU": 4}, 2)])
 
 
 def test_sizing_counts_the_groups_that_start_at_zero_and_cpu_work_only_the_cpu_groups(cluster):
     kuberay(cluster)
-    assert runtime.cluster_capacity("GPU") == 16 and runtime.largest_node("GPU") == 8
-    assert runtime.cluster_capacity("CPU") == 16 * 16 + 2 * 96
+    assert runtime.cluster_capacity("GPU") == 8 and runtime.largest_node("GPU") == 4  # DDP inside one node: 4
+    assert runtime.cluster_capacity("CPU") == 16 * 16 + 2 * 44
     assert runtime.cluster_capacity("CPU", cpu_only=True) == 16 * 16  # preprocessing runs on the CPU group
-    assert runtime.largest_node("CPU") == 96
+    assert runtime.largest_node("CPU") == 44
     cluster([{"CPU": 16, "GPU": 1}])  # a workstation with a GPU: its CPUs are the CPU work's too
     assert runtime.cluster_capacity("CPU", cpu_only=True) == 16 and runtime.cluster_capacity("GPU") == 1
 
