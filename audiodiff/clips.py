@@ -25,7 +25,7 @@ import torch
 from diffusers import DDIMScheduler
 from ray.data.expressions import col
 
-from audiodiff import devices, sampling, storage
+from audiodiff import devices, ownership, sampling, storage
 from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
@@ -194,15 +194,31 @@ def _decode(pngs: list[bytes]) -> torch.Tensor:
     return torch.from_numpy(np.stack([png_image(png) for png in pngs]))
 
 
-def check_output(config: ClipSettings) -> None:
-    """The output must be one every node writes to, and the model and the audio-to-audio commands' sources ones
-    every node reads; clips already under the output must come from the same settings; the first write also
-    proves the output is writable before any work starts."""
-    check_paths_reachable(config.shared_path, config.output, [config.model, *getattr(config, "sources", [])])
+def check_output(config: ClipSettings, command: str) -> None:
+    """The output must be new, empty or an earlier output of `command` (ownership), one every node writes to, and
+    clips already under it must come from the same settings; the first write also proves the output is writable
+    before any work starts."""
     path = storage.join(config.output, "generation.json")
-    settings = {**config.settings(), "weights": model_identity(config.model)}  # the model by its files, not its name
-    if storage.exists(path):
-        previous = json.loads(storage.read_bytes(path))
+    previous = ownership.read_record(path) if storage.exists(path) else None
+    if previous is None:
+        found = ownership.names_in(config.output)
+        if found:
+            raise ownership.refusal(config.output, command, found)
+    elif previous[ownership.WRITTEN_BY] != ownership.mark(command):
+        raise AudiodiffError(f"{config.output}: holds the output of `{previous[ownership.WRITTEN_BY]}`; "
+                             f"`audiodiff {command}` replaces only its own output: choose another --output")
+    else:
+        ours = {"manifest.parquet": lambda uri: ownership.is_our_parquet(uri, MANIFEST_SCHEMA),
+                "index.html": ownership.is_our_gallery}
+        uris = {name: storage.join(config.output, name) for name in ours}
+        foreign = [name for name, check in ours.items() if storage.exists(uris[name]) and not check(uris[name])]
+        if foreign:
+            raise ownership.refusal(config.output, command, foreign)
+    check_paths_reachable(config.shared_path, config.output, [config.model, *getattr(config, "sources", [])])
+    # the model by its files, not its name
+    settings = {ownership.WRITTEN_BY: ownership.mark(command), **config.settings(),
+                "weights": model_identity(config.model)}
+    if previous is not None:
         if previous != settings:
             changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
             raise AudiodiffError(f"{config.output}: holds clips made with other settings ({', '.join(changed)} "

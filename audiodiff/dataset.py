@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import time
 
 import numpy as np
@@ -29,7 +30,7 @@ from ray.data import FileShuffleConfig
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.expressions import col
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.runtime import LIGHT_CPUS
@@ -40,9 +41,10 @@ SLICE_SCHEMA = pa.schema(
     # datasets reads these features, so `load_dataset("parquet", ...)` gives a working Image column
     metadata={"huggingface": json.dumps({"info": {"features": {
         "image": {"_type": "Image"}, "audio_file": {"dtype": "string", "_type": "Value"},
-        "slice": {"dtype": "int16", "_type": "Value"}, "genre": {"dtype": "string", "_type": "Value"}}}})},
+        "slice": {"dtype": "int16", "_type": "Value"}, "genre": {"dtype": "string", "_type": "Value"}}}}),
+        **ownership.SCHEMA_MARK},
 )
-REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+REJECT_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())], metadata=ownership.SCHEMA_MARK)
 DATA_DIR = "data"  # the parquet parts; rejects and stats sit beside it so "all parts" never includes them
 REJECTS = "rejects.parquet"
 STATS = "stats.json"
@@ -99,6 +101,7 @@ class SpectrogramSink(Datasink):
             per_genre[genre or "unknown"]["tracks"] += 1
             per_genre[genre or "unknown"]["slices"] += n_slices
         stats = {
+            ownership.WRITTEN_BY: ownership.mark("preprocess"),
             "tracks_read": len(tracks) + len(rejects),
             "tracks_written": len(tracks),
             "tracks_rejected": len(rejects),
@@ -119,18 +122,42 @@ def write_rejects(output: str, rejects: list[dict]) -> None:
 
 
 def prepare_output(output: str, mel_config_json: str, overwrite: bool) -> None:
-    """Makes `output` ready for a new dataset: refuses one already there unless `overwrite`, removes the
-    stats first (so a reader never takes a half-replaced dataset for complete), then the old parts, and
-    writes the mel config (a bad or read-only output stops the job here, before any work)."""
-    data = storage.join(output, DATA_DIR)
-    parts = storage.list_files(data) if storage.exists(data) else []
-    if parts and not overwrite:
+    """Makes `output` ready for a new dataset: refuses a folder holding anything but a dataset preprocess wrote
+    (ownership.check_only_ours), and one already there unless `overwrite`; removes the stats first (so a reader
+    never takes a half-replaced dataset for complete), then the old parts, and writes the mel config (a bad or
+    read-only output stops the job here, before any work)."""
+    ours = ownership.check_only_ours(output, "preprocess", lambda f: _is_dataset_file(output, f, mel_config_json))
+    if [f for f in ours if f != MEL_CONFIG] and not overwrite:
         raise AudiodiffError(f"{output}: already holds a spectrogram dataset; "
                              "choose another --output or pass --overwrite")
-    for uri in [storage.join(output, STATS)] + parts:
-        if storage.exists(uri):
-            storage.delete(uri)
+    for relative in sorted(ours, key=lambda f: f != STATS):
+        if relative not in (MEL_CONFIG, REJECTS):  # both are replaced whole below and at the end
+            storage.delete(storage.join(output, *relative.split("/")))
     storage.write_bytes(storage.join(output, MEL_CONFIG), mel_config_json.encode())
+
+
+_PART = re.compile(rf"^{DATA_DIR}/part-[0-9a-f]{{20}}\.parquet$")
+
+
+def _is_dataset_file(output: str, relative: str, mel_config_json: str) -> bool:
+    """Whether a file under `output` is one preprocess wrote there, by its content; a mel config counts as ours
+    beside a dataset preprocess wrote, or when it holds what this run writes."""
+    uri = storage.join(output, *relative.split("/"))
+    if relative == STATS:
+        return (ownership.read_record(uri) or {}).get(ownership.WRITTEN_BY) == ownership.mark("preprocess")
+    if relative == REJECTS:
+        return ownership.is_our_parquet(uri, REJECT_SCHEMA)
+    if _PART.match(relative):
+        return ownership.is_our_parquet(uri, SLICE_SCHEMA)
+    if relative == MEL_CONFIG and not ownership.is_link(uri):
+        if storage.read_bytes(uri) == mel_config_json.encode():
+            return True
+        data = storage.join(output, DATA_DIR)
+        parts = [f"{DATA_DIR}/{f.rsplit('/', 1)[-1]}" for f in storage.list_files(data)] \
+            if storage.is_dir(data) and not ownership.is_link(data) else []
+        beside = [f for f in (STATS, REJECTS) if storage.exists(storage.join(output, f))] + parts
+        return any(_is_dataset_file(output, f, mel_config_json) for f in beside)
+    return False
 
 
 def read_stats(output: str) -> dict:

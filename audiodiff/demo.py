@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 
 import pyarrow.parquet as pq
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
@@ -27,6 +28,8 @@ from audiodiff.train import TrainConfig, run_finetune
 from audiodiff.train import summary_line as finetune_summary
 
 MARKER = "demo.json"
+# what a demo writes beside its marker, and so what the next demo replaces
+WROTE = ["audio", "spectrograms", "model", "generated-untrained", "generated", "index.html"]
 GUIDANCE = 5.0  # classifier-free guidance of the genre clips: measured best of 1, 3 and 5 by `evaluate --by-genre`
 SAMPLE_STEPS = 100  # DDPM steps of the demo's clips (see run_demo)
 
@@ -41,15 +44,28 @@ class DemoConfig:
 
 
 def _fresh_folder(output: str) -> None:
-    """A demo output is replaced by the next demo; anything else already there is left alone."""
+    """A demo output is replaced by the next demo: what its demo.json (ownership) lists it wrote; anything else in the
+    folder is left alone, and a folder holding anything without a demo's demo.json is refused."""
     if storage.is_remote(output):
         raise AudiodiffError(f"{output}: the demo writes to a local folder")
-    if storage.exists(output) and storage.list_files(output):
-        if not storage.exists(storage.join(output, MARKER)):
-            raise AudiodiffError(f"{output}: exists and was not written by a demo; choose another --output")
-        shutil.rmtree(storage.resolve(output)[1])
-    storage.write_bytes(storage.join(output, MARKER), json.dumps({"stages": ["preprocess", "finetune", "generate"]})
-                        .encode())
+    folder = storage.resolve(output)[1]
+    if ownership.names_in(output):
+        record = ownership.read_record(storage.join(output, MARKER)) or {}
+        if record.get(ownership.WRITTEN_BY) != ownership.mark("demo"):
+            raise AudiodiffError(f"{output}: exists and was not written by a demo (no demo.json of audiodiff's "
+                                 "there); choose another --output")
+        for name in WROTE:
+            path = os.path.join(folder, name)
+            if name not in record.get("wrote", []) or not os.path.lexists(path):
+                continue
+            if os.path.islink(path):
+                raise AudiodiffError(f"{path}: a symbolic link where the demo wrote a folder; remove it yourself")
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    storage.write_bytes(storage.join(output, MARKER), json.dumps(
+        {ownership.WRITTEN_BY: ownership.mark("demo"), "wrote": WROTE}, indent=2).encode())
 
 
 def run_demo(config: DemoConfig) -> dict:

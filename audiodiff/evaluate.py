@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from ray.data.expressions import col, lit
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
 from audiodiff.errors import AudiodiffError, BadAudioError
@@ -361,6 +361,10 @@ def by_genre(clips: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, 
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Embed both sides on the current Ray, then the Fréchet distance; returns (and writes to
     `config.output` as JSON) the distance, what was compared, and what was rejected."""
+    if config.output and storage.exists(config.output) and \
+            (ownership.read_record(config.output) or {}).get(ownership.WRITTEN_BY) != ownership.mark("evaluate"):
+        raise AudiodiffError(f"--output {config.output}: a file `audiodiff evaluate` did not write; it replaces only "
+                             "its own results: choose another --output")
     sides = [_open_side("clips", config.clips), _open_side("reference", config.reference)]
     mel = _evaluation_mel(sides)
     if config.embedding != "mel" and not storage.exists(config.embedding):
@@ -380,7 +384,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
             raise AudiodiffError(f"--{side.name} {side.uri}: {len(vectors)} embedding vectors, at least 2 needed"
                                  + (f" ({len(side_rejected)} rejected: {reasons})" if side_rejected else ""))
         statistics.append(embedding_statistics(vectors))
-    result = {"frechet_distance": frechet_distance(*statistics[0], *statistics[1]), "embedding": config.embedding,
+    result = {ownership.WRITTEN_BY: ownership.mark("evaluate"),
+              "frechet_distance": frechet_distance(*statistics[0], *statistics[1]), "embedding": config.embedding,
               "mel_config": dataclasses.asdict(mel), **summaries, "rejected": rejected}
     if config.by_genre:
         result["by_genre"] = by_genre(*labelled)

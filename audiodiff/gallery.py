@@ -16,6 +16,8 @@ import html
 import math
 from urllib.parse import quote
 
+from audiodiff.ownership import GALLERY_MARK
+
 # CSS px: the shortest clip of a page is MIN_WIDTH wide, and every clip gets as many pixels per second, up to
 # MAX_WIDTH (a long continuation is drawn narrower than its seconds); ticks at least MIN_TICK apart
 MIN_WIDTH, MAX_WIDTH, MAX_PX_PER_SECOND, MIN_TICK = 240, 1600, 200, 40
@@ -61,7 +63,7 @@ def side_by_side_html(title: str, sets: dict[str, list[dict]]) -> str:
 
 def _page(title: str, body: str) -> str:
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">{GALLERY_MARK}'
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
             f"<body><h1>{html.escape(title)}</h1>\n<p class=\"legend\">{_LEGEND}</p>\n{body}\n</body></html>\n")
 

@@ -86,7 +86,7 @@ def run_generate(config: GenerateConfig) -> dict:
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     plan = plan_clips(config, parts)
-    check_output(config)
+    check_output(config, "generate")
     title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler}, {config.num_steps} steps)"
     return make_clips(config, plan, work_dataset(plan, config), title, overlap=config.overlap)
 

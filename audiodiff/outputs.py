@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.gallery import gallery_html
 from audiodiff.mel import MelConfig
@@ -30,7 +30,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("keep_end", pa.float64()), ("position", pa.float64()), ("input_wav", pa.string()), ("input_png", pa.string()),
     # a conditional model's clips: the genre, or the name of the encoding from an --encodings file
     ("genre", pa.string()), ("encoding", pa.string()),
-])
+], metadata=ownership.SCHEMA_MARK)
 
 
 PEAK_DBFS = -1.0  # saved clips are peak-normalised to this level (teticio's users found them very quiet)

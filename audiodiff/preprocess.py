@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, stream_audio
 from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, is_saved_dataset, prepare_output, \
     read_stats
@@ -354,6 +354,7 @@ def run_preprocess(config: PreprocessConfig) -> dict:
         raise AudiodiffError("give at least one SOURCE")
     if config.limit is not None and config.limit < 1:
         raise AudiodiffError(f"--limit must be at least 1, got {config.limit}")
+    ownership.check_apart(config.sources, config.output)
     check_paths_reachable(config.shared_path, config.output, config.sources)
     mel = resolve_mel_config(config)
     started = time.time()

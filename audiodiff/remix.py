@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from audiodiff import storage
+from audiodiff import ownership, storage
 from audiodiff.clips import WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.dataset import write_rejects
@@ -130,7 +130,7 @@ def _remix_rows(track: dict, config: RemixConfig, mel: MelConfig) -> list[dict]:
 def run_remix(config: RemixConfig) -> dict:
     parts = _start(config)
     check_remix(config, parts.mel)
-    check_output(config)
+    check_output(config, "remix")
     return _run(config, parts, lambda track: _remix_rows(track, config, parts.mel),
                 f"audiodiff remix: {', '.join(config.sources)} at strength {config.strength:g}")
 
@@ -155,7 +155,7 @@ def run_continue(config: ContinueConfig) -> dict:
     if config.seconds is None:
         raise AudiodiffError("give --seconds: how long each continued track is")
     check_long_form(parts.mel, config.seconds, config.overlap)
-    check_output(config)
+    check_output(config, "continue")
     return _run(config, parts, lambda track: _continue_rows(track, config, parts.mel),
                 f"audiodiff continue: {', '.join(config.sources)} to {config.seconds:g} s", overlap=config.overlap)
 
@@ -171,7 +171,7 @@ def run_interpolate(config: InterpolateConfig) -> dict:
     if config.points < 2:
         raise AudiodiffError(f"--points must be at least 2 (A and B themselves), got {config.points}")
     parts = _start(config)
-    check_output(config)
+    check_output(config, "interpolate")
     mel = parts.mel
     tracks = _spectrograms(config.sources, config.output, mel).take_all()
     ends = [_only_track(uri, tracks) for uri in config.sources]
@@ -209,6 +209,7 @@ def _start(config: ClipSettings) -> PipelineParts:
     config.check()
     if not config.sources:
         raise AudiodiffError("give at least one SOURCE")
+    ownership.check_apart(config.sources, config.output)
     parts = load_model(config.model)
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     return parts

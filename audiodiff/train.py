@@ -48,7 +48,7 @@ from diffusers.utils import logging as diffusers_logging
 from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
-from audiodiff import devices, evaluate, sampling, storage
+from audiodiff import devices, evaluate, ownership, sampling, storage
 from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
@@ -526,7 +526,8 @@ def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     torch.save(lr_schedule.state_dict(), os.path.join(folder, "lr_schedule.pt"))
     with open(os.path.join(folder, "state.json"), "w") as f:
-        json.dump({"step": step, "config": result_settings(c), "history": history}, f)
+        json.dump({ownership.WRITTEN_BY: ownership.mark("finetune"), "step": step, "config": result_settings(c),
+                   "history": history}, f)
 
 
 def load_training_state(folder, unet, optimizer, lr_schedule, genre_model=None, ema_vectors=None
@@ -617,6 +618,21 @@ def settings_made_with(recorded: dict) -> dict:
     return made_with | recorded
 
 
+def _check_output_ours(config: TrainConfig) -> None:
+    """The export replaces a pipeline's files: finetune writes into a new or empty folder, or one an earlier finetune
+    wrote (ownership), as its checkpoints' state.json or its samples' pages say."""
+    found = ownership.names_in(config.output)
+    if not found:
+        return
+    run_folder, samples = storage.join(config.checkpoints, RUN_NAME), storage.join(config.output, "samples")
+    states = [f for f in storage.list_files(run_folder) if f.endswith("state.json")] \
+        if storage.is_dir(run_folder) else []
+    pages = [f for f in storage.list_files(samples) if f.endswith("index.html")] if storage.is_dir(samples) else []
+    marks = [(ownership.read_record(f) or {}).get(ownership.WRITTEN_BY) for f in states]
+    if ownership.mark("finetune") not in marks and not any(map(ownership.is_our_gallery, pages)):
+        raise ownership.refusal(config.output, "finetune", found)
+
+
 def _check_resume(config: TrainConfig) -> None:
     """A run's checkpoints are continued only with --resume, and only with the settings they were made with."""
     run_folder = storage.join(config.checkpoints, RUN_NAME)
@@ -650,6 +666,7 @@ def run_finetune(config: TrainConfig) -> dict:
         raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
+    _check_output_ours(config)
     check_paths_reachable(config.shared_path, config.output, [config.data, config.model])
     # Ray Train workers run in a directory of their own: local paths must be absolute
     config = dataclasses.replace(config, output=storage.absolute(config.output),
