@@ -13,7 +13,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from audiodiff import storage
+from audiodiff import checks, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
@@ -39,11 +39,18 @@ class DemoConfig:
     tracks_per_genre: int = 4
     guidance: float = GUIDANCE
 
+    def __post_init__(self):
+        """The checks that need no cluster (audiodiff.checks)."""
+        checks.finite(self)
+        if storage.is_remote(self.output):
+            raise AudiodiffError(f"{self.output}: the demo writes to a local folder")
+        checks.at_least(self, 1, "epochs", "tracks_per_genre")
+        checks.positive(self, "lr")
+        checks.at_least(self, 0, "guidance")
+
 
 def _fresh_folder(output: str) -> None:
     """A demo output is replaced by the next demo; anything else already there is left alone."""
-    if storage.is_remote(output):
-        raise AudiodiffError(f"{output}: the demo writes to a local folder")
     if storage.exists(output) and storage.list_files(output):
         if not storage.exists(storage.join(output, MARKER)):
             raise AudiodiffError(f"{output}: exists and was not written by a demo; choose another --output")

@@ -4,8 +4,9 @@ import shlex
 import threading
 
 import pytest
+import ray
 
-from audiodiff import __version__, cli
+from audiodiff import __version__, cli, runtime
 from audiodiff.cli import main
 
 
@@ -62,6 +63,47 @@ def test_an_interrupt_ends_with_one_line_and_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "audiodiff demo: interrupted\n"
 
 
+CLIP = ["--model", "tiny", "--output", "out"]
+BAD_VALUES = [
+    (["generate", *CLIP, "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["generate", *CLIP, "--seconds", "inf"], "--seconds must be a finite number, got inf"),
+    (["generate", *CLIP, "--seconds", "nan"], "--seconds must be a finite number, got nan"),
+    (["generate", *CLIP, "--seconds", "60", "--overlap", "nan"], "--overlap must be a finite number, got nan"),
+    (["generate", *CLIP, "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["generate", *CLIP, "--eta", "nan"], "--eta must be a finite number, got nan"),
+    (["generate", *CLIP, "--target-dbfs=-inf"], "--target-dbfs must be a finite number, got -inf"),
+    (["generate", *CLIP, "--num-clips", "0"], "nothing to generate"),
+    (["generate", *CLIP, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["generate", *CLIP, "--scheduler", "pndm"], "--scheduler must be one of"),
+    (["generate", *CLIP, "--genre", "jazz", "--encodings", "e.parquet"], "give --genre or --encodings, not both"),
+    (["remix", "a.wav", *CLIP, "--keep-start", "nan"], "--keep-start must be a finite number, got nan"),
+    (["remix", "a.wav", *CLIP, "--strength", "1.5"], "--strength must lie in [0, 1]"),
+    (["remix", "a.wav", *CLIP, "--variations", "0"], "--variations must be at least 1, got 0"),
+    (["continue", "a.wav", *CLIP, "--seconds", "0"], "--seconds must be more than 0, got 0"),
+    (["interpolate", "a.wav", "b.wav", *CLIP, "--points", "1"], "--points must be at least 2, got 1"),
+    (["interpolate", "a.wav", "b.wav", *CLIP, "--scheduler", "ddpm"], "use --scheduler ddim"),
+    (["preprocess", "in", "--output", "out", "--limit", "0"], "--limit must be at least 1, got 0"),
+    (["preprocess", "in", "--output", "out", "--max-seconds", "nan"], "--max-seconds must be a finite number"),
+    (["preprocess", "in", "--output", "out", "--num-cpus", "0"], "--num-cpus must be at least 1, got 0"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--lr", "inf"], "--lr must be a finite number"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--epochs", "0"], "--epochs must be at least 1"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--label-dropout", "1"], "--label-dropout must"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--cpus-per-worker", "nan"], "--cpus-per-worker"),
+    (["demo", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["demo", "--output", "s3://bucket/demo"], "the demo writes to a local folder"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES)
+def test_values_no_stage_takes_end_in_one_line_before_any_ray_starts(argv, message, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *args: started.append(args))
+    ray_before = ray.is_initialized()
+    assert main(argv) == 1
+    assert message in one_line_error(capsys, argv[0])
+    assert not started and ray.is_initialized() == ray_before
+
+
 def user_mistakes(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     (tmp_path / "broken").mkdir()
@@ -79,7 +121,6 @@ def user_mistakes(tmp_path):
         (["preprocess", missing, "--output", str(tmp_path / "out")], f"{missing}: source not found"),
         (["finetune", "--data", missing, "--model", "tiny", "--output", str(tmp_path / "out")], missing),
         (["evaluate", "--clips", missing, "--reference", missing], f"--clips {missing}: not found"),
-        (["demo", "--output", "s3://bucket/demo"], "the demo writes to a local folder"),
     ]
 
 
