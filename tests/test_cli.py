@@ -155,3 +155,52 @@ def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, ref
     assert main(["evaluate", "--clips", "s3://bucket/clips", "--reference", "s3://bucket/audio"]) == 1
     line = one_line_error(capsys, "evaluate")
     assert "s3://bucket/clips" in line and "check the credentials" in line and "AWS_ACCESS_KEY_ID" in line
+
+
+def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
+    from audiodiff import clips, dataset, models, preprocess, train
+    from audiodiff.errors import AudiodiffError
+    from audiodiff.generate import GenerateConfig
+
+    def refused(call, *named):
+        with pytest.raises(AudiodiffError) as raised:
+            call()
+        message = str(raised.value)
+        assert "\n" not in message and all(n in message for n in named), message
+
+    not_parquet = tmp_path / "tracks" / "train.parquet"
+    not_parquet.parent.mkdir()
+    not_parquet.write_text("a text file named .parquet")
+    config = preprocess.PreprocessConfig(sources=[str(not_parquet.parent)], output=str(tmp_path / "out"))
+    refused(lambda: preprocess.open_source(str(not_parquet.parent), config), str(not_parquet), "as parquet")
+
+    latin1 = tmp_path / "mel_config.json"
+    latin1.write_bytes('{"x_res": 64, "note": "café"}'.encode("latin-1"))
+    config = preprocess.PreprocessConfig(sources=["in"], output="out", mel_config=str(latin1))
+    refused(lambda: preprocess.resolve_mel_config(config), str(latin1), "not a UTF-8 text file")
+    (tmp_path / "model" / "mel").mkdir(parents=True)
+    (tmp_path / "model" / "mel" / "mel_config.json").write_bytes(latin1.read_bytes())
+    refused(lambda: models.load_mel_config(str(tmp_path / "model")), "mel_config.json", "not a UTF-8 text file")
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"')
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "dataset_dict.json: not valid JSON", "save the dataset again")
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (saved / "train").mkdir()
+    (saved / "train" / "state.json").write_bytes(b"\xff\xfe\x00")
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: not valid JSON")
+    (saved / "train" / "state.json").write_text("[]")
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: expected a JSON object")
+
+    checkpoint = tmp_path / "run" / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 5, "config": {')
+    resumed = train.TrainConfig(data="d", model="tiny", output=str(tmp_path / "run"), resume=True)
+    refused(lambda: train._check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "generation.json").write_text('{"model": "tiny",')
+    monkeypatch.setattr(clips, "check_output_reachable", lambda *args: None)  # the cluster's part
+    generated = GenerateConfig(model="tiny", output=str(tmp_path / "clips"))
+    refused(lambda: clips.check_output(generated), "generation.json: not valid JSON", "choose another --output")
