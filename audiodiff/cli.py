@@ -127,6 +127,10 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     return p
 
 
+_OVERLAP_HELP = ("seconds each window keeps from the one before (default: half of a window less its end frames, at "
+                 "most 2 s: 2 for 256-frame models, 0.68 for tiny)")
+
+
 def _generate_parser(subparsers, common) -> None:
     p = _clip_command(subparsers, common, "generate",
                       "mass-generate standard, extended and long clips (Ray Data batch inference)",
@@ -136,7 +140,7 @@ def _generate_parser(subparsers, common) -> None:
     p.add_argument("--num-extended", type=int, help="extended clips (--extend-factor x x_res frames)")
     p.add_argument("--extend-factor", type=float)
     p.add_argument("--seconds", type=float, help="make the --num-clips clips this long, window after window")
-    p.add_argument("--overlap", type=float, help="seconds each window keeps from the one before (default: 2)")
+    p.add_argument("--overlap", type=float, help=_OVERLAP_HELP)
 
 
 def _run_generate(args) -> None:
@@ -170,7 +174,7 @@ def _continue_parser(subparsers, common) -> None:
                       ["song.wav --model out/model --output out/long --seconds 300"], default_scheduler="ddim")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=_AUDIO_SOURCES)
     p.add_argument("--seconds", type=float, required=True, help="length of each continued track")
-    p.add_argument("--overlap", type=float, help="seconds each window keeps from the one before (default: 2)")
+    p.add_argument("--overlap", type=float, help=_OVERLAP_HELP)
 
 
 def _interpolate_parser(subparsers, common) -> None:

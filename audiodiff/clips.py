@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,7 @@ import torch
 from diffusers import DDIMScheduler
 from ray.data.expressions import col
 
-from audiodiff import devices, ownership, sampling, storage
+from audiodiff import checks, devices, ownership, progress, sampling, storage
 from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
@@ -43,6 +44,7 @@ DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
 class ClipSettings:
     """What every clip-making command shares: the model, the sampler, the output and how work is spread."""
 
+    command: typing.ClassVar[str]  # the command's name, in its progress lines
     model: str
     output: str
     scheduler: str = "ddpm"
@@ -60,7 +62,15 @@ class ClipSettings:
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
 
     def __post_init__(self):
+        """The checks that need no model, no data and no cluster (audiodiff.checks)."""
         self.precision = devices.resolve_precision(self.precision, self.gpu)
+        checks.finite(self)
+        check_scheduler(self.scheduler)
+        devices.check_precision(self.precision, self.gpu)
+        checks.at_least(self, 1, "batch_size", "concurrency", "steps")
+        checks.at_least(self, 0, "guidance")
+        if self.genres and self.encodings:
+            raise AudiodiffError("give --genre or --encodings, not both")
 
     @property
     def num_steps(self) -> int:
@@ -74,14 +84,8 @@ class ClipSettings:
         return {"model": self.model, "scheduler": self.scheduler, "steps": self.num_steps, "eta": self.eta,
                 "seed": self.seed, "target_dbfs": self.target_dbfs, "precision": self.precision, **conditions}
 
-    def check(self) -> None:
-        """The checks that need no model and no data, made before any work starts."""
-        check_scheduler(self.scheduler)
-        devices.check_precision(self.precision, self.gpu)
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise AudiodiffError("--batch-size and --concurrency must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise AudiodiffError(f"--steps must be at least 1, got {self.steps}")
+    def check_cluster(self) -> None:
+        """The checks that need the cluster, made on it before any work starts."""
         if self.gpu:
             require_gpus(self.concurrency, f"--gpu with --concurrency {self.concurrency}")
 
@@ -96,8 +100,9 @@ class ClipMaker:
     together where they share kind, width and strength, turned into audio together, and encoded for the
     writer to store. `overlap`: seconds each window of a long clip keeps from the one before."""
 
-    def __init__(self, config: ClipSettings, overlap: float | None = None):
+    def __init__(self, config: ClipSettings, overlap: float | None = None, counter=None):
         self.config = config
+        self.counter = counter  # audiodiff.progress
         self.device = torch.device("cuda" if config.gpu else "cpu")
         devices.use_cpus_given()
         parts = load_model(config.model)
@@ -126,6 +131,7 @@ class ClipMaker:
                 clip = clip[:round(rows[i]["seconds"] * mel.sample_rate)]
                 out["wav_bytes"][i], out["png_bytes"][i] = encode_clip(image, clip, mel.sample_rate,
                                                                        self.config.target_dbfs)
+        progress.count(self.counter, len(rows))
         return out
 
     def _images(self, rows: list[dict]) -> torch.Tensor:
@@ -237,9 +243,9 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     if todo:
         if done:
             work = work.filter(expr=col("clip_id").not_in(sorted(done)), num_cpus=LIGHT_CPUS)
-        with worker_errors():
+        with worker_errors(), progress.Progress(config.command, len(todo), "clips", workers=True) as made:
             work.map_batches(
-                ClipMaker, fn_constructor_args=(config, overlap), batch_size=config.batch_size,
+                ClipMaker, fn_constructor_args=(config, overlap, made.counter), batch_size=config.batch_size,
                 batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                 num_gpus=1 if config.gpu else 0, num_cpus=1 if config.gpu else ACTOR_CPUS,
             ).write_datasink(ClipSink(output), ray_remote_args={"num_cpus": LIGHT_CPUS})

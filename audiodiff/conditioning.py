@@ -62,8 +62,6 @@ def check_conditioning(parts: PipelineParts, model: str, genres: list[str], enco
                        guidance: float) -> None:
     """What the model takes must match what the command gives, checked before any work starts."""
     dim = parts.cross_attention_dim
-    if genres and encodings:
-        raise AudiodiffError("give --genre or --encodings, not both")
     if dim is None and (genres or encodings):
         raise AudiodiffError(f"{model}: an unconditional model (UNet2DModel) takes no --genre or --encodings")
     if genres:
@@ -83,8 +81,6 @@ def check_conditioning(parts: PipelineParts, model: str, genres: list[str], enco
     if guidance != 1.0 and parts.conditioning is None:
         raise AudiodiffError(f"--guidance needs a model with a null encoding (fine-tuned with --condition genre); "
                              f"{model} has none")
-    if guidance < 0:
-        raise AudiodiffError(f"--guidance must be at least 0 (1: none), got {guidance}")
 
 
 def condition_names(genres: list[str], encodings: str | None) -> tuple[str | None, list[str]]:

@@ -161,7 +161,7 @@ def _is_dataset_file(output: str, relative: str, mel_config_json: str) -> bool:
 
 
 def read_stats(output: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(output, STATS)))
+    return storage.read_json(storage.join(output, STATS))
 
 
 # reading
@@ -181,13 +181,19 @@ class ArrowStreamFiles(FileBasedDatasource):
 def saved_dataset_files(uri: str, split: str = "train") -> list[str]:
     """The Arrow files of one split of a `datasets.save_to_disk` folder (a DatasetDict or a single Dataset),
     read from its own index files, so that object storage works as a local disk does."""
+    damaged = "; a damaged datasets.save_to_disk folder: save the dataset again"
     if storage.exists(storage.join(uri, "dataset_dict.json")):
-        splits = json.loads(storage.read_bytes(storage.join(uri, "dataset_dict.json")))["splits"]
+        splits = storage.read_json(storage.join(uri, "dataset_dict.json"), damaged).get("splits")
+        if not isinstance(splits, list):
+            raise AudiodiffError(f"{storage.join(uri, 'dataset_dict.json')}: lists no splits{damaged}")
         if split not in splits:
-            raise AudiodiffError(f"{uri}: no split '{split}' (splits: {', '.join(splits)})")
+            raise AudiodiffError(f"{uri}: no split '{split}' (splits: {', '.join(map(str, splits))})")
         uri = storage.join(uri, split)
-    state = json.loads(storage.read_bytes(storage.join(uri, "state.json")))
-    return [storage.join(uri, f["filename"]) for f in state["_data_files"]]
+    state = storage.join(uri, "state.json")
+    try:
+        return [storage.join(uri, f["filename"]) for f in storage.read_json(state, damaged)["_data_files"]]
+    except (KeyError, TypeError):
+        raise AudiodiffError(f"{state}: lists no data files (_data_files){damaged}") from None
 
 
 def is_saved_dataset(uri: str) -> bool:

@@ -14,7 +14,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from audiodiff import ownership, storage
+from audiodiff import checks, ownership, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
@@ -42,12 +42,19 @@ class DemoConfig:
     tracks_per_genre: int = 4
     guidance: float = GUIDANCE
 
+    def __post_init__(self):
+        """The checks that need no cluster (audiodiff.checks)."""
+        checks.finite(self)
+        if storage.is_remote(self.output):
+            raise AudiodiffError(f"{self.output}: the demo writes to a local folder")
+        checks.at_least(self, 1, "epochs", "tracks_per_genre")
+        checks.positive(self, "lr")
+        checks.at_least(self, 0, "guidance")
+
 
 def _fresh_folder(output: str) -> None:
     """A demo output is replaced by the next demo: what its demo.json (ownership) lists it wrote; anything else in the
     folder is left alone, and a folder holding anything without a demo's demo.json is refused."""
-    if storage.is_remote(output):
-        raise AudiodiffError(f"{output}: the demo writes to a local folder")
     folder = storage.resolve(output)[1]
     if ownership.names_in(output):
         record = ownership.read_record(storage.join(output, MARKER)) or {}

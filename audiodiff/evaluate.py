@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from ray.data.expressions import col, lit
 
-from audiodiff import ownership, storage
+from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
 from audiodiff.errors import AudiodiffError, BadAudioError
@@ -70,6 +70,13 @@ class EvaluateConfig:
     output: str | None = None  # where the result goes as JSON
     by_genre: bool = False  # also the distance of each genre's clips to each genre's reference
     shared_path: bool = False  # local --clips and --reference that every node of a multi-node cluster mounts
+
+    def __post_init__(self):
+        """The checks that need no data and no cluster (audiodiff.checks)."""
+        checks.finite(self)
+        for name in ("clips", "reference", "embedding"):
+            if not getattr(self, name):
+                raise AudiodiffError(f"{checks.flag(self, name)} is empty; give a path or URI")
 
 
 # the pure functions
@@ -253,7 +260,7 @@ def _open_side(name: str, uri: str) -> _Side:
     mel_json = storage.join(uri, "mel_config.json")
     manifest = storage.join(uri, "manifest.parquet")
     if storage.exists(mel_json):
-        mel = MelConfig.from_json(storage.read_bytes(mel_json).decode(), mel_json)
+        mel = MelConfig.from_json(storage.read_text(mel_json), mel_json)
         parts = spectrogram_files(uri)  # refuses a dataset that preprocess did not finish
         fs, path = storage.resolve(parts[0])
         try:
@@ -322,7 +329,20 @@ def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str)
                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors)}
     embedded = _items(sides[0]).union(_items(sides[1])).map_batches(
         **udf, batch_size=8, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
-    return pa.concat_tables(embedded.iter_batches(batch_size=None, batch_format="pyarrow"))
+    batches = []
+    with progress.Progress("evaluate", sum(map(_item_count, sides)), "items") as embedding:
+        for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batches.append(batch)
+            embedding.advance(batch.num_rows)
+    return pa.concat_tables(batches)
+
+
+def _item_count(side: _Side) -> int:
+    """A side's items: its files, or a spectrogram dataset's slices (from its parquet footers)."""
+    if side.unit != "slices":
+        return len(side.files)
+    fs = storage.resolve(side.files[0])[0]
+    return sum(pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows for f in side.files)
 
 
 def _embed_with_mel(batch: pa.Table, mel: MelConfig) -> pa.Table:

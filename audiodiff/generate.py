@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from audiodiff import checks
 from audiodiff.clips import ClipSettings, check_output, clip_seed, make_clips, work_dataset
 from audiodiff.clips import summary_line as clips_summary
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
@@ -27,11 +28,19 @@ KINDS = ("standard", "extended", "long")
 
 @dataclasses.dataclass
 class GenerateConfig(ClipSettings):
+    command = "generate"
     num_clips: int = 4
     num_extended: int = 0
     extend_factor: float = 4.0
     seconds: float | None = None  # the standard clips become long ones of this many seconds
-    overlap: float = 2.0  # seconds each window of a long clip keeps from the one before
+    overlap: float | None = None  # seconds each window of a long clip keeps from the one before (default_overlap)
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.at_least(self, 0, "num_clips", "num_extended")
+        if self.num_clips + self.num_extended == 0:
+            raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
+        checks.positive(self, "extend_factor", "seconds", "overlap")
 
     def settings(self) -> dict:
         long_form = {"seconds": self.seconds, "overlap": self.overlap} if self.seconds is not None else {}
@@ -48,6 +57,12 @@ def extended_frames(parts: PipelineParts, factor: float) -> int:
         raise AudiodiffError(f"--extend-factor {factor} gives {frames:g} frames; the model halves the width "
                              f"{halvings} times, so the width must be a whole multiple of {2 ** halvings}")
     return int(frames)
+
+
+def default_overlap(mel: MelConfig) -> float:
+    """Half of what a window can keep (its width less its end frames), at most 2 s: 2 s for 256-frame models,
+    about 0.68 s for the tiny preset's 64 frames (a 1.46 s window)."""
+    return min(2.0, mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate / 2)
 
 
 def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
@@ -80,10 +95,10 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
 
 def run_generate(config: GenerateConfig) -> dict:
     """Run the whole stage on the current Ray; returns counts for the summary line."""
-    config.check()
-    if config.num_clips < 0 or config.num_extended < 0 or config.num_clips + config.num_extended == 0:
-        raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
+    config.check_cluster()
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
+    if config.seconds is not None and config.overlap is None:
+        config = dataclasses.replace(config, overlap=default_overlap(parts.mel))
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     plan = plan_clips(config, parts)
     check_output(config, "generate")

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from audiodiff import ownership, storage
+from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, stream_audio
 from audiodiff.dataset import ArrowStreamFiles, SpectrogramSink, filter_genres, is_saved_dataset, prepare_output, \
     read_stats
@@ -58,12 +58,24 @@ class PreprocessConfig:
     slices: str = "all"  # "all" full slices per track, or "random": one per track, as the notebook
     genre_from_folder: bool = False
     split: str = "train"
-    num_workers: int | None = None  # CPU actors; default: up to every CPU the cluster has or can scale to
+    # CPU actors; default: up to every CPU the cluster has or can scale to
+    num_workers: int | None = dataclasses.field(default=None, metadata={"flag": "--num-cpus"})
     tracks_per_batch: int = 4
     seed: int = 0
     overwrite: bool = False
     max_seconds: float = 4 * 3600  # longer tracks are rejects (a bound on the time one track takes, not on memory)
     shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
+
+    def __post_init__(self):
+        """The checks that need no data and no cluster (audiodiff.checks)."""
+        checks.finite(self)
+        if not self.sources:
+            raise AudiodiffError("give at least one SOURCE")
+        checks.one_of(self, "slices", ("all", "random"))
+        checks.at_least(self, 1, "limit", "num_workers", "tracks_per_batch")
+        checks.positive(self, "max_seconds")
+        if self.model and self.mel_config:
+            raise AudiodiffError("give the mel config by --model or by --mel-config, not both")
 
 
 @dataclasses.dataclass
@@ -141,13 +153,15 @@ def _hub_parquet_files(uri: str) -> list[str]:
 def _open_parquet(paths: list[str], filesystem, uri: str, config: PreprocessConfig) -> Tracks:
     split_files = [p for p in paths if re.search(rf"(^|[/_-]){re.escape(config.split)}([/_-]|$)", p)]
     paths = split_files or paths
-    try:
-        schema = pq.read_schema(paths[0], filesystem=filesystem)
-        genres = (pq.read_table(paths, columns=["genre"], filesystem=filesystem)["genre"].to_pylist()
-                  if "genre" in schema.names else [None] * sum(pq.read_metadata(p, filesystem=filesystem).num_rows
-                                                             for p in paths))
-    except OSError as e:
-        raise AudiodiffError(f"{uri}: cannot read parquet ({e})") from None
+    genres, schema = [], None
+    for path in paths:  # file by file, so that one that is not parquet (ArrowInvalid) is named
+        try:
+            with pq.ParquetFile(path, filesystem=filesystem) as file:
+                schema = schema or file.schema_arrow
+                genres += (file.read(columns=["genre"])["genre"].to_pylist() if "genre" in schema.names
+                           else [None] * file.metadata.num_rows)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise AudiodiffError(f"{uri}: cannot read {path} as parquet ({e})") from None
     if "audio" not in schema.names:
         raise AudiodiffError(f"{uri}: parquet has no 'audio' column (columns: {', '.join(schema.names)})")
     columns = ["audio"] + (["genre"] if "genre" in schema.names else [])
@@ -243,8 +257,10 @@ class SpectrogramMaker:
     slices' audio and the track's PNGs, never the whole decoded track; tracks longer than `max_seconds` are
     rejected before they are decoded."""
 
-    def __init__(self, mel: MelConfig, slices: str, seed: int, max_seconds: float | None = None, run: str = ""):
+    def __init__(self, mel: MelConfig, slices: str, seed: int, max_seconds: float | None = None, run: str = "",
+                 counter=None):
         torch.set_num_threads(1)  # one actor per CPU
+        self.counter = counter  # audiodiff.progress
         self.codec = MelCodec(mel)
         self.slices = slices
         self.seed = seed
@@ -268,6 +284,7 @@ class SpectrogramMaker:
                     f"unexpected error: {type(e).__name__}: {e}"
             for key, value in {"source": source, "genre": genre, "reason": reason, **track}.items():
                 rows[key].append(value)
+        progress.count(self.counter, batch.num_rows)
         return pa.table({"source": pa.array(rows["source"], pa.string()), "genre": pa.array(rows["genre"], pa.string()),
                          "reason": pa.array(rows["reason"], pa.string()), "seconds": rows["seconds"],
                          "silent": rows["silent"], "slices": pa.array(rows["slices"], pa.list_(pa.int16())),
@@ -312,15 +329,13 @@ class SpectrogramMaker:
 
 
 def resolve_mel_config(config: PreprocessConfig) -> MelConfig:
-    if config.model and config.mel_config:
-        raise AudiodiffError("give the mel config by --model or by --mel-config, not both")
     if config.model:
         # imported here, in the driver: the workers that unpickle this module's classes need no diffusers (seconds)
         from audiodiff.models import load_mel_config
 
         return load_mel_config(config.model)
     if config.mel_config:
-        return MelConfig.from_json(storage.read_bytes(config.mel_config).decode(), config.mel_config)
+        return MelConfig.from_json(storage.read_text(config.mel_config), config.mel_config)
     return MelConfig()
 
 
@@ -333,27 +348,23 @@ def genre_table(counts: collections.Counter, selected: list[str]) -> str:
     return "\n".join(lines)
 
 
-def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: PreprocessConfig) -> ray.data.Dataset:
+def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: PreprocessConfig,
+                      counter=None) -> ray.data.Dataset:
     """Tracks -> SpectrogramMaker's rows (slices or a reject reason per track) on a pool of CPU actors; also
-    the audio-to-audio commands' way in (audiodiff.remix)."""
+    the audio-to-audio commands' way in (audiodiff.remix). `counter`: an audiodiff.progress counter of tracks."""
     pool = (ray.data.ActorPoolStrategy(size=config.num_workers) if config.num_workers else
             ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_capacity("CPU", cpu_only=True)))))
     # Ray Data's own actor fault tolerance (restart, retry the batch) applies; `max_restarts` could only be set
     # through the deprecated **ray_remote_args, so TrackTries bounds the tries of a track instead
     return tracks.map_batches(
-        SpectrogramMaker, fn_constructor_args=(mel, config.slices, config.seed, config.max_seconds, uuid.uuid4().hex),
+        SpectrogramMaker,
+        fn_constructor_args=(mel, config.slices, config.seed, config.max_seconds, uuid.uuid4().hex, counter),
         batch_size=config.tracks_per_batch, batch_format="pyarrow", num_cpus=ACTOR_CPUS, compute=pool,
     )
 
 
 def run_preprocess(config: PreprocessConfig) -> dict:
     """Run the whole stage on the current Ray; returns the stats written to stats.json."""
-    if config.slices not in ("all", "random"):
-        raise AudiodiffError(f"--slices must be 'all' or 'random', got '{config.slices}'")
-    if not config.sources:
-        raise AudiodiffError("give at least one SOURCE")
-    if config.limit is not None and config.limit < 1:
-        raise AudiodiffError(f"--limit must be at least 1, got {config.limit}")
     ownership.check_apart(config.sources, config.output)
     check_paths_reachable(config.shared_path, config.output, config.sources)
     mel = resolve_mel_config(config)
@@ -369,8 +380,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     if config.limit is not None:
         tracks = tracks.limit(config.limit)
     sink = SpectrogramSink(config.output, started)
-    with worker_errors():
-        make_spectrograms(tracks, mel, config).write_datasink(
+    selected = sum(n for genre, n in counts.items() if not config.genres or genre in config.genres)
+    with worker_errors(), progress.Progress("preprocess", min(selected, config.limit or selected), "tracks",
+                                            workers=True) as made:
+        make_spectrograms(tracks, mel, config, made.counter).write_datasink(
             sink, ray_remote_args={"num_cpus": LIGHT_CPUS, "max_retries": WORKER_RETRIES})
     return read_stats(config.output)
 

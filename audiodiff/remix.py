@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from audiodiff import ownership, storage
+from audiodiff import checks, ownership, storage
 from audiodiff.clips import WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.dataset import write_rejects
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError
-from audiodiff.generate import check_long_form
+from audiodiff.generate import check_long_form, default_overlap
 from audiodiff.mel import SILENT, MelConfig
 from audiodiff.models import PipelineParts, load_model
 from audiodiff.outputs import clip_row
@@ -35,6 +35,7 @@ from audiodiff.runtime import LIGHT_CPUS, worker_errors
 
 @dataclasses.dataclass
 class RemixConfig(ClipSettings):
+    command = "remix"
     sources: list[str] = dataclasses.field(default_factory=list)
     scheduler: str = "ddim"
     strength: float = 0.5
@@ -43,6 +44,15 @@ class RemixConfig(ClipSettings):
     keep_end: float = 0.0  # ... and at its end
     whole_track: bool = False  # join each track's remixed slices back into one clip
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_sources(self)
+        if not 0.0 <= self.strength <= 1.0:
+            raise AudiodiffError(f"--strength must lie in [0, 1] (0: the input as it is, 1: ignore it), got "
+                                 f"{self.strength}")
+        checks.at_least(self, 1, "variations")
+        checks.at_least(self, 0, "keep_start", "keep_end")
+
     def settings(self) -> dict:
         return {**super().settings(), "strength": self.strength, "keep_start": self.keep_start,
                 "keep_end": self.keep_end, "whole_track": self.whole_track}
@@ -50,10 +60,18 @@ class RemixConfig(ClipSettings):
 
 @dataclasses.dataclass
 class ContinueConfig(ClipSettings):
+    command = "continue"
     sources: list[str] = dataclasses.field(default_factory=list)
     scheduler: str = "ddim"
     seconds: float | None = None
-    overlap: float = 2.0  # seconds each window keeps from the one before
+    overlap: float | None = None  # seconds each window keeps from the one before (generate.default_overlap)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_sources(self)
+        if self.seconds is None:
+            raise AudiodiffError("give --seconds: how long each continued track is")
+        checks.positive(self, "seconds", "overlap")
 
     def settings(self) -> dict:
         return {**super().settings(), "seconds": self.seconds, "overlap": self.overlap}
@@ -61,6 +79,7 @@ class ContinueConfig(ClipSettings):
 
 @dataclasses.dataclass
 class InterpolateConfig(ClipSettings):
+    command = "interpolate"
     sources: list[str] = dataclasses.field(default_factory=list)  # the two clips, A and B
     scheduler: str = "ddim"
     points: int = 5  # clips from A to B, both ends included
@@ -68,8 +87,21 @@ class InterpolateConfig(ClipSettings):
     # grey levels under bf16 autocast against fp32's, so interpolation computes in fp32 unless told otherwise
     precision: str = "fp32"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.sources) != 2:
+            raise AudiodiffError(f"interpolate takes two clips, A and B; got {len(self.sources)}")
+        if self.scheduler != "ddim":
+            raise AudiodiffError("interpolate inverts the clips with DDIM: use --scheduler ddim")
+        checks.at_least(self, 2, "points")
+
     def settings(self) -> dict:
         return {**super().settings(), "points": self.points}
+
+
+def _check_sources(config: ClipSettings) -> None:
+    if not config.sources:
+        raise AudiodiffError("give at least one SOURCE")
 
 
 def _input_row(name: str, source: str, slice_index: int | None, frames: int, config: ClipSettings,
@@ -89,14 +121,8 @@ def track_id(source: str) -> str:
 
 
 def check_remix(config: RemixConfig, mel: MelConfig) -> None:
-    if not 0.0 <= config.strength <= 1.0:
-        raise AudiodiffError(f"--strength must lie in [0, 1] (0: the input as it is, 1: ignore it), got "
-                             f"{config.strength}")
-    if config.variations < 1:
-        raise AudiodiffError(f"--variations must be at least 1, got {config.variations}")
+    """What the remix settings leave of the model's window."""
     window = mel.samples_for_width(mel.x_res) / mel.sample_rate
-    if config.keep_start < 0 or config.keep_end < 0:
-        raise AudiodiffError("--keep-start and --keep-end are seconds, at least 0")
     if mel.frames_in(config.keep_start) + mel.frames_in(config.keep_end) >= mel.x_res:
         raise AudiodiffError(f"--keep-start {config.keep_start:g} s and --keep-end {config.keep_end:g} s cover or "
                              f"overlap the whole slice ({window:.2f} s): nothing would be left to remix")
@@ -152,8 +178,8 @@ def _continue_rows(track: dict, config: ContinueConfig, mel: MelConfig) -> list[
 
 def run_continue(config: ContinueConfig) -> dict:
     parts = _start(config)
-    if config.seconds is None:
-        raise AudiodiffError("give --seconds: how long each continued track is")
+    if config.overlap is None:
+        config = dataclasses.replace(config, overlap=default_overlap(parts.mel))
     check_long_form(parts.mel, config.seconds, config.overlap)
     check_output(config, "continue")
     return _run(config, parts, lambda track: _continue_rows(track, config, parts.mel),
@@ -164,12 +190,6 @@ def run_continue(config: ContinueConfig) -> dict:
 
 
 def run_interpolate(config: InterpolateConfig) -> dict:
-    if len(config.sources) != 2:
-        raise AudiodiffError(f"interpolate takes two clips, A and B; got {len(config.sources)}")
-    if config.scheduler != "ddim":
-        raise AudiodiffError("interpolate inverts the clips with DDIM: use --scheduler ddim")
-    if config.points < 2:
-        raise AudiodiffError(f"--points must be at least 2 (A and B themselves), got {config.points}")
     parts = _start(config)
     check_output(config, "interpolate")
     mel = parts.mel
@@ -205,10 +225,8 @@ def _only_track(uri: str, tracks: list[dict]) -> dict:
 
 
 def _start(config: ClipSettings) -> PipelineParts:
-    """The checks that need no data, and the model (one that cannot be loaded stops the run here)."""
-    config.check()
-    if not config.sources:
-        raise AudiodiffError("give at least one SOURCE")
+    """The checks that need the cluster or the model, and the model (one that cannot be loaded stops the run here)."""
+    config.check_cluster()
     ownership.check_apart(config.sources, config.output)
     parts = load_model(config.model)
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)

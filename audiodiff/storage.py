@@ -10,6 +10,7 @@ Google's application default credentials. `hf://datasets/owner/name/...` reads t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import re
@@ -113,6 +114,25 @@ def read_bytes(uri: str) -> bytes:
         raise AudiodiffError(f"{uri}: no such file") from None
     except OSError as e:
         raise _storage_error(uri, "cannot read", e) from None
+
+
+def read_text(uri: str) -> str:
+    """A UTF-8 text file (the JSON files audiodiff and diffusers write)."""
+    try:
+        return read_bytes(uri).decode()
+    except UnicodeDecodeError as e:
+        raise AudiodiffError(f"{uri}: not a UTF-8 text file ({e}); is it the file it is named for?") from None
+
+
+def read_json(uri: str, fix: str = "") -> dict:
+    """A JSON object file; `fix` says what to do about one that is damaged (it ends the message)."""
+    try:
+        values = json.loads(read_bytes(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AudiodiffError(f"{uri}: not valid JSON ({e}){fix}") from None
+    if not isinstance(values, dict):
+        raise AudiodiffError(f"{uri}: expected a JSON object, got {type(values).__name__}{fix}")
+    return values
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from diffusers.utils import logging as diffusers_logging
 from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
-from audiodiff import devices, evaluate, ownership, sampling, storage
+from audiodiff import checks, devices, evaluate, ownership, progress, sampling, storage
 from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
@@ -108,11 +108,22 @@ class TrainConfig:
     shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
 
     def __post_init__(self):
+        """The checks that need no data, no model and no cluster (audiodiff.checks)."""
         self.precision = devices.resolve_precision(self.precision, self.gpu)  # the rule: audiodiff.devices
+        checks.finite(self)
         devices.check_precision(self.precision, self.gpu)
         if self.precision == "fp16":
             raise AudiodiffError("--precision fp16 trains only with loss scaling, which finetune does not do; use bf16 "
                                  "(the default with --gpu) or fp32")
+        checks.at_least(self, 1, "num_workers", "batch_size", "epochs", "grad_accum", "log_every", "sample_every",
+                        "checkpoint_every", "num_samples", "sample_steps", "stop_at_step")
+        checks.at_least(self, 0, "seed", "warmup_steps")
+        checks.positive(self, "lr", "cpus_per_worker")
+        checks.one_of(self, "lr_schedule", sorted(LR_SCHEDULES))
+        if self.condition not in (None, "genre"):
+            raise AudiodiffError(f"--condition must be 'genre', got '{self.condition}'")
+        if not 0 <= self.label_dropout < 1:
+            raise AudiodiffError(f"--label-dropout must lie in [0, 1), got {self.label_dropout}")
 
     @property
     def checkpoints(self) -> str:
@@ -375,6 +386,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     memory = InMemoryImages(plan.blocks) if plan.in_memory else None
     stop = min(plan.total_steps, c.stop_at_step or plan.total_steps)
     loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+    run_started, first_step = started, step
     while step < stop:
         epoch, first = divmod(step, plan.steps_per_epoch)
         batches = (memory.batches(c, plan, rank, world, epoch, first) if plan.in_memory
@@ -426,9 +438,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics["frechet_distance"] = samples.write(step)
             history.append(metrics)
             if rank == 0:
+                per_step = (time.perf_counter() - run_started) / (step - first_step)
+                left = f"  about {progress.duration((stop - step) * per_step)} left" if step < stop else ""
                 # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
                 log.info(f"step {step}/{plan.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                         f"{metrics['images_per_second']:.1f} images/s"
+                         f"{metrics['images_per_second']:.1f} images/s{left}"
                          + (f"  quality (Fréchet distance) {metrics['frechet_distance']:.2f}"
                             if "frechet_distance" in metrics else ""))
                 samples.log_scalars(metrics)
@@ -642,7 +656,8 @@ def _check_resume(config: TrainConfig) -> None:
         raise AudiodiffError(f"{config.output}: a run's checkpoints are already there; pass --resume to continue "
                              "it, or choose another --output")
     if saved:
-        before = json.loads(storage.read_bytes(saved[-1])).get("config")
+        before = storage.read_json(saved[-1], fix="; a damaged checkpoint: remove that checkpoint's folder to resume "
+                                                  "from the one before, or choose another --output").get("config")
         if before is None:
             raise AudiodiffError(f"{config.output}: its checkpoints were made by an older audiodiff that did not "
                                  "record the run's settings; choose another --output")
@@ -655,15 +670,8 @@ def _check_resume(config: TrainConfig) -> None:
 
 
 def run_finetune(config: TrainConfig) -> dict:
-    """Checks everything a user can get wrong, then trains on the current Ray and exports the model."""
-    if min(config.num_workers, config.batch_size, config.epochs, config.grad_accum, config.log_every,
-           config.sample_every, config.checkpoint_every, config.num_samples, config.sample_steps) < 1:
-        raise AudiodiffError("--num-workers, --batch-size, --epochs, --grad-accum, --log-every, --sample-every, "
-                             "--checkpoint-every, --num-samples and --sample-steps must be at least 1")
-    if config.seed < 0 or (config.stop_at_step is not None and config.stop_at_step < 1):
-        raise AudiodiffError("--seed must be at least 0 and --stop-at-step at least 1")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise AudiodiffError(f"--lr-schedule must be one of {sorted(LR_SCHEDULES)}, got '{config.lr_schedule}'")
+    """Checks what needs the cluster, the output and the data (the config checked itself), then trains on the
+    current Ray and exports the model."""
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
     _check_output_ours(config)
@@ -672,10 +680,6 @@ def run_finetune(config: TrainConfig) -> dict:
     config = dataclasses.replace(config, output=storage.absolute(config.output),
                                  model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)
     _check_resume(config)
-    if config.condition not in (None, "genre"):
-        raise AudiodiffError(f"--condition must be 'genre', got '{config.condition}'")
-    if not 0 <= config.label_dropout < 1:
-        raise AudiodiffError(f"--label-dropout must lie in [0, 1), got {config.label_dropout}")
     parts = load_model(config.model, conditional=config.condition is not None)
     if parts.cross_attention_dim is not None and config.condition is None:
         raise AudiodiffError(f"{config.model}: a conditional model; fine-tune it with --condition genre")

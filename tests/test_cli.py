@@ -4,8 +4,9 @@ import shlex
 import threading
 
 import pytest
+import ray
 
-from audiodiff import __version__, cli
+from audiodiff import __version__, cli, runtime
 from audiodiff.cli import main
 
 
@@ -62,6 +63,47 @@ def test_an_interrupt_ends_with_one_line_and_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "audiodiff demo: interrupted\n"
 
 
+CLIP = ["--model", "tiny", "--output", "out"]
+BAD_VALUES = [
+    (["generate", *CLIP, "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["generate", *CLIP, "--seconds", "inf"], "--seconds must be a finite number, got inf"),
+    (["generate", *CLIP, "--seconds", "nan"], "--seconds must be a finite number, got nan"),
+    (["generate", *CLIP, "--seconds", "60", "--overlap", "nan"], "--overlap must be a finite number, got nan"),
+    (["generate", *CLIP, "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["generate", *CLIP, "--eta", "nan"], "--eta must be a finite number, got nan"),
+    (["generate", *CLIP, "--target-dbfs=-inf"], "--target-dbfs must be a finite number, got -inf"),
+    (["generate", *CLIP, "--num-clips", "0"], "nothing to generate"),
+    (["generate", *CLIP, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["generate", *CLIP, "--scheduler", "pndm"], "--scheduler must be one of"),
+    (["generate", *CLIP, "--genre", "jazz", "--encodings", "e.parquet"], "give --genre or --encodings, not both"),
+    (["remix", "a.wav", *CLIP, "--keep-start", "nan"], "--keep-start must be a finite number, got nan"),
+    (["remix", "a.wav", *CLIP, "--strength", "1.5"], "--strength must lie in [0, 1]"),
+    (["remix", "a.wav", *CLIP, "--variations", "0"], "--variations must be at least 1, got 0"),
+    (["continue", "a.wav", *CLIP, "--seconds", "0"], "--seconds must be more than 0, got 0"),
+    (["interpolate", "a.wav", "b.wav", *CLIP, "--points", "1"], "--points must be at least 2, got 1"),
+    (["interpolate", "a.wav", "b.wav", *CLIP, "--scheduler", "ddpm"], "use --scheduler ddim"),
+    (["preprocess", "in", "--output", "out", "--limit", "0"], "--limit must be at least 1, got 0"),
+    (["preprocess", "in", "--output", "out", "--max-seconds", "nan"], "--max-seconds must be a finite number"),
+    (["preprocess", "in", "--output", "out", "--num-cpus", "0"], "--num-cpus must be at least 1, got 0"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--lr", "inf"], "--lr must be a finite number"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--epochs", "0"], "--epochs must be at least 1"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--label-dropout", "1"], "--label-dropout must"),
+    (["finetune", "--data", "d", "--model", "tiny", "--output", "o", "--cpus-per-worker", "nan"], "--cpus-per-worker"),
+    (["demo", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["demo", "--output", "s3://bucket/demo"], "the demo writes to a local folder"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES)
+def test_values_no_stage_takes_end_in_one_line_before_any_ray_starts(argv, message, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *args: started.append(args))
+    ray_before = ray.is_initialized()
+    assert main(argv) == 1
+    assert message in one_line_error(capsys, argv[0])
+    assert not started and ray.is_initialized() == ray_before
+
+
 def user_mistakes(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     (tmp_path / "broken").mkdir()
@@ -79,7 +121,6 @@ def user_mistakes(tmp_path):
         (["preprocess", missing, "--output", str(tmp_path / "out")], f"{missing}: source not found"),
         (["finetune", "--data", missing, "--model", "tiny", "--output", str(tmp_path / "out")], missing),
         (["evaluate", "--clips", missing, "--reference", missing], f"--clips {missing}: not found"),
-        (["demo", "--output", "s3://bucket/demo"], "the demo writes to a local folder"),
     ]
 
 
@@ -114,3 +155,53 @@ def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, ref
     assert main(["evaluate", "--clips", "s3://bucket/clips", "--reference", "s3://bucket/audio"]) == 1
     line = one_line_error(capsys, "evaluate")
     assert "s3://bucket/clips" in line and "check the credentials" in line and "AWS_ACCESS_KEY_ID" in line
+
+
+def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
+    from audiodiff import clips, dataset, models, preprocess, train
+    from audiodiff.errors import AudiodiffError
+    from audiodiff.generate import GenerateConfig
+
+    def refused(call, *named):
+        with pytest.raises(AudiodiffError) as raised:
+            call()
+        message = str(raised.value)
+        assert "\n" not in message and all(n in message for n in named), message
+
+    not_parquet = tmp_path / "tracks" / "train.parquet"
+    not_parquet.parent.mkdir()
+    not_parquet.write_text("a text file named .parquet")
+    config = preprocess.PreprocessConfig(sources=[str(not_parquet.parent)], output=str(tmp_path / "out"))
+    refused(lambda: preprocess.open_source(str(not_parquet.parent), config), str(not_parquet), "as parquet")
+
+    latin1 = tmp_path / "mel_config.json"
+    latin1.write_bytes('{"x_res": 64, "note": "café"}'.encode("latin-1"))
+    config = preprocess.PreprocessConfig(sources=["in"], output="out", mel_config=str(latin1))
+    refused(lambda: preprocess.resolve_mel_config(config), str(latin1), "not a UTF-8 text file")
+    (tmp_path / "model" / "mel").mkdir(parents=True)
+    (tmp_path / "model" / "mel" / "mel_config.json").write_bytes(latin1.read_bytes())
+    refused(lambda: models.load_mel_config(str(tmp_path / "model")), "mel_config.json", "not a UTF-8 text file")
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"')
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "dataset_dict.json: not valid JSON", "save the dataset again")
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (saved / "train").mkdir()
+    (saved / "train" / "state.json").write_bytes(b"\xff\xfe\x00")
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: not valid JSON")
+    (saved / "train" / "state.json").write_text("[]")
+    refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: expected a JSON object")
+
+    checkpoint = tmp_path / "run" / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 5, "config": {')
+    resumed = train.TrainConfig(data="d", model="tiny", output=str(tmp_path / "run"), resume=True)
+    refused(lambda: train._check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "generation.json").write_text('{"model": "tiny",')
+    monkeypatch.setattr(clips, "check_paths_reachable", lambda *args: None)  # the cluster's part
+    generated = GenerateConfig(model="tiny", output=str(tmp_path / "clips"))
+    # a damaged generation.json is not one audiodiff wrote (audiodiff.ownership): refused, naming it
+    refused(lambda: clips.check_output(generated, "generate"), "generation.json", "choose a new or empty --output")

@@ -1,6 +1,8 @@
 import contextlib
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -13,9 +15,11 @@ import pytest
 import soundfile
 from PIL import Image
 
-from audiodiff import models, storage
+from audiodiff import generate as generate_module
+from audiodiff import models, progress, storage
 from audiodiff.cli import main
 from audiodiff.clips import ClipSettings, work_dataset
+from audiodiff.mel import MelConfig
 from audiodiff.outputs import clip_row
 
 FAST = ["--scheduler", "ddim", "--steps", "4"]
@@ -208,3 +212,25 @@ def test_bad_model_unwritable_output_and_changed_settings(local_ray, tiny_model,
     assert "cannot write" in capsys.readouterr().err
     assert main(["generate", "--model", tiny_model, "--output", str(made), "--scheduler", "ddim", "--steps", "5"]) == 1
     assert "holds clips made with other settings (steps differ)" in capsys.readouterr().err
+
+
+def test_the_tiny_model_makes_long_clips_with_the_default_overlap_and_says_its_progress(
+        local_ray, tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")
+    generate(tiny_model, tmp_path / "long", "--seconds", 12, "--num-clips", 2, "--batch-size", 1, "--steps", 2)
+    printed = capsys.readouterr().out
+    assert re.search(r"^generate: [12]/2 clips \(\d+%\), [\d.]+ clips/(s|min)", printed, re.M), printed
+    assert "generate: 2/2 clips (100%)" in printed
+    assert {r["seconds"] for r in manifest(tmp_path / "long")} == {12.0}
+    settings = json.loads((tmp_path / "long" / "generation.json").read_text())
+    assert settings["overlap"] == generate_module.default_overlap(MelConfig(x_res=64, y_res=64)) < 0.7
+
+
+def test_progress_lines_say_done_total_rate_and_time_left_at_most_each_tenth_or_interval():
+    assert progress.line("generate", 6, 24, "clips", 12.0) == "generate: 6/24 clips (25%), 0.5 clips/s, about 36 s left"
+    assert progress.line("evaluate", 3, None, "items", 60.0) == "evaluate: 3 items, 3 items/min"
+    assert not progress.due(29, done=50, last_done=0, total=100, interval=30)  # not before the interval
+    assert not progress.due(100, done=9, last_done=0, total=100, interval=30)  # nor before another tenth
+    assert progress.due(31, done=10, last_done=0, total=100, interval=30)
+    assert progress.due(300, done=0, last_done=0, total=100, interval=30)  # but at least every 10 intervals
+    assert progress.due(0, done=1, last_done=0, total=100, interval=0) and not progress.due(0, 1, 1, 100, 0)

@@ -94,12 +94,12 @@ def test_auto_is_bf16_on_gpus_and_on_cpus_with_native_bf16_else_fp32(monkeypatch
 
 def test_fp16_on_cpu_fp16_training_and_unknown_precisions_are_refused():
     with pytest.raises(AudiodiffError, match="fp16 runs on GPUs only"):
-        GenerateConfig(model="tiny", output="x", precision="fp16").check()
+        GenerateConfig(model="tiny", output="x", precision="fp16")
     GenerateConfig(model="tiny", output="x", precision="fp16", gpu=True, concurrency=1)  # allowed with --gpu
     with pytest.raises(AudiodiffError, match="loss scaling"):
         TrainConfig(data="d", model="tiny", output="o", precision="fp16", gpu=True)
     with pytest.raises(AudiodiffError, match="must be one of auto, fp32, bf16, fp16"):
-        GenerateConfig(model="tiny", output="x", precision="half").check()
+        GenerateConfig(model="tiny", output="x", precision="half")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--model", "tiny", "--output", "x", "--precision", "half"])
     assert build_parser().parse_args(["finetune", "--data", "d", "--model", "tiny", "--output", "o",

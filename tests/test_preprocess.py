@@ -14,7 +14,7 @@ import soundfile
 from diffusers import Mel
 from PIL import Image
 
-from audiodiff import storage
+from audiodiff import progress, storage
 from audiodiff.audio import load_audio
 from audiodiff.cli import main
 from audiodiff.mel import MelConfig
@@ -58,11 +58,13 @@ def genre_folder(tmp_path):
     return root
 
 
-def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path, capsys):
+def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")  # a line each time more is done
     output = tmp_path / "out"
     run(genre_folder, "--output", output, "--genre-from-folder", "--genre", "drone", "--genre", "arpeggio")
     printed = capsys.readouterr().out
     assert "beats                           4" in printed and "drone                           4 *" in printed
+    assert "preprocess: 8/8 tracks (100%)" in printed  # the chosen genres' tracks
     slices, rejects, stats = read_output(output)
     assert rejects == {}
     assert stats["tracks_read"] == stats["tracks_written"] == 8

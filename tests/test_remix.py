@@ -104,8 +104,9 @@ def test_whole_track_remix_joins_the_slices_in_order(local_ray, tiny_model, trac
 
 
 def test_a_batch_of_remixes_equals_the_same_remixes_one_by_one(tiny_model):
-    config = RemixConfig(model=tiny_model, output="unused", variations=3, strength=0.6, keep_start=0.2, steps=4,
-                         precision="fp32")  # fp32's contract; bf16 rounds more (tests/test_precision.py)
+    # fp32's contract; bf16 rounds more (tests/test_precision.py)
+    config = RemixConfig(model=tiny_model, output="unused", sources=["unused"], variations=3, strength=0.6,
+                         keep_start=0.2, steps=4, precision="fp32")
     codec = MelCodec(MEL)
     images = codec.audio_to_images(synthesize("arpeggio", 3.2, SR, seed=3))
     track = {"source": "arpeggio.wav", "slices": [0, 1], "silent": 0,
@@ -186,10 +187,9 @@ def test_bad_remix_settings_are_refused_before_work(tiny_model, tmp_path, change
     (None, 0.4, "give --seconds"),
 ])
 def test_bad_continuations_are_refused_before_work(tiny_model, tracks, tmp_path, seconds, overlap, message):
-    config = ContinueConfig(model=tiny_model, output=str(tmp_path / "out"), sources=[str(tracks)], seconds=seconds,
-                            overlap=overlap)
     with pytest.raises(AudiodiffError, match=message):
-        run_continue(config)
+        run_continue(ContinueConfig(model=tiny_model, output=str(tmp_path / "out"), sources=[str(tracks)],
+                                    seconds=seconds, overlap=overlap))
     assert not (tmp_path / "out").exists()
 
 
