@@ -251,7 +251,7 @@ def _open_side(name: str, uri: str) -> _Side:
     mel_json = storage.join(uri, "mel_config.json")
     manifest = storage.join(uri, "manifest.parquet")
     if storage.exists(mel_json):
-        mel = MelConfig.from_json(storage.read_bytes(mel_json).decode(), mel_json)
+        mel = MelConfig.from_json(storage.read_bytes(mel_json), mel_json)
         parts = spectrogram_files(uri)  # refuses a dataset that preprocess did not finish
         fs, path = storage.resolve(parts[0])
         try:

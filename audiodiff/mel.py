@@ -26,6 +26,25 @@ _PHASE_SEED = 0
 # thread the forward product runs over groups of this many bands, each against only the bins the group covers: 28x
 # fewer multiply-adds at 256 bands (7x at 64), the same sums up to float rounding order (BENCHMARKS.md, "Mel codec").
 _BANDS_PER_GROUP = 8
+# What a mel config may ask for: teticio's numbers lie well inside, and the largest cost little (a mel basis of
+# 1024 x 8193 floats, 32 MiB; 1000 Griffin-Lim iterations, 30x the default). Without upper bounds one line of
+# mel_config.json asked every actor for a 137 GB basis (n_fft 2^28) or a vocoder that never ends (n_iter 1e9).
+MEL_BOUNDS = {"x_res": (8, 4096), "y_res": (8, 1024), "sample_rate": (1000, 192_000), "n_fft": (16, 16384),
+              "hop_length": (1, 16384), "top_db": (1, 200), "n_iter": (1, 1000)}
+MAX_SLICE_SAMPLES = 1 << 21  # x_res * hop_length: one image's audio, 95 s at 22050 Hz (16x teticio's)
+
+
+def _check_mel_values(values: dict, source: str) -> None:
+    for name, (low, high) in MEL_BOUNDS.items():
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise AudiodiffError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if not low <= value <= high:
+            raise AudiodiffError(f"{source}: {name} {value} is outside {low}..{high}; give a value in that range")
+    if values["x_res"] * values["hop_length"] > MAX_SLICE_SAMPLES:
+        raise AudiodiffError(f"{source}: x_res {values['x_res']} x hop_length {values['hop_length']} is "
+                             f"{values['x_res'] * values['hop_length']} samples per image, over {MAX_SLICE_SAMPLES}; "
+                             "make the image narrower or the hop shorter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +60,7 @@ class MelConfig:
     n_iter: int = 32
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise AudiodiffError(f"mel config: {field.name} must be a positive integer, got {value!r}")
+        _check_mel_values(dataclasses.asdict(self), "mel config")
 
     @property
     def slice_size(self) -> int:
@@ -76,13 +92,17 @@ class MelConfig:
         if unknown:
             raise AudiodiffError(f"{source}: unknown mel config keys {unknown}; expected some of {sorted(known)}")
         # diffusers writes top_db as an int, but older configs have 80.0
-        return cls(**{k: int(v) if isinstance(v, float) and v.is_integer() else v
-                      for k, v in values.items() if k in known})
+        given = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items() if k in known}
+        _check_mel_values({**dataclasses.asdict(cls()), **given}, source)
+        return cls(**given)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "mel_config.json") -> MelConfig:
+    def from_json(cls, text: str | bytes, source: str = "mel_config.json") -> MelConfig:
         try:
-            values = json.loads(text)
+            values = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError as e:
+            raise AudiodiffError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "a mel_config.json is a JSON file") from None
         except json.JSONDecodeError as e:
             raise AudiodiffError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(values, dict):

@@ -351,7 +351,7 @@ def load_model_folder(folder: str, source: str | None = None) -> PipelineParts:
                      *(["vqvae/config.json"] if has_vqvae else [])):
         if not os.path.isfile(os.path.join(folder, required)):
             raise AudiodiffError(f"{source}: missing {required}")
-    with open(os.path.join(folder, "mel", "mel_config.json")) as f:
+    with open(os.path.join(folder, "mel", "mel_config.json"), "rb") as f:
         mel = MelConfig.from_json(f.read(), f"{source}/mel/mel_config.json")
     unet = _load_weights(_UNET_CLASSES[unet_class], folder, "unet", source)
     vqvae = _load_weights(AutoencoderKL, folder, "vqvae", source) if has_vqvae else None
@@ -483,9 +483,9 @@ def load_mel_config(name: str) -> MelConfig:
         return PRESETS[name][1]
     if storage.is_remote(name) or os.path.exists(name) or name.startswith("file://"):
         path = storage.join(name, "mel", "mel_config.json")
-        return MelConfig.from_json(storage.read_bytes(path).decode(), path)
+        return MelConfig.from_json(storage.read_bytes(path), path)
     if storage.is_hub_id(name):
         folder = _download_from_hub(name, patterns=["mel/mel_config.json"])
-        with open(os.path.join(folder, "mel", "mel_config.json")) as f:
+        with open(os.path.join(folder, "mel", "mel_config.json"), "rb") as f:
             return MelConfig.from_json(f.read(), f"{name}/mel/mel_config.json")
     raise _no_such_model(name)

@@ -320,7 +320,7 @@ def resolve_mel_config(config: PreprocessConfig) -> MelConfig:
 
         return load_mel_config(config.model)
     if config.mel_config:
-        return MelConfig.from_json(storage.read_bytes(config.mel_config).decode(), config.mel_config)
+        return MelConfig.from_json(storage.read_bytes(config.mel_config), config.mel_config)
     return MelConfig()
 
 

@@ -165,3 +165,21 @@ def test_mel_config_rejects_bad_values():
         MelConfig.from_dict({"x_res": 64, "hop": 3})
     with pytest.raises(AudiodiffError, match="not valid JSON"):
         MelConfig.from_json("{", "model/mel/mel_config.json")
+
+
+@pytest.mark.parametrize("field, value", [("n_fft", 1 << 28), ("n_iter", 10 ** 9), ("x_res", 100_000), ("y_res", 4),
+                                          ("sample_rate", 10 ** 7), ("hop_length", 1 << 20), ("top_db", 1000)])
+def test_mel_config_json_out_of_bounds_names_the_file_and_field(field, value):
+    # n_fft 2^28 asked for a 137 GB mel basis; n_iter 1e9 for a vocoder that never ends
+    with pytest.raises(AudiodiffError, match=rf"^model/mel/mel_config.json: {field} {value} is outside \d+\.\.\d+"):
+        MelConfig.from_json(json.dumps({field: value}), "model/mel/mel_config.json")
+
+
+def test_mel_config_bounds_the_audio_of_one_image():
+    with pytest.raises(AudiodiffError, match="x_res 4096 x hop_length 16384 is 67108864 samples per image"):
+        MelConfig.from_dict({"x_res": 4096, "hop_length": 16384}, "m.json")
+
+
+def test_mel_config_json_that_is_not_utf8_is_one_line_naming_the_file():
+    with pytest.raises(AudiodiffError, match=r"^data/mel_config.json: not UTF-8 text \(invalid start byte at byte 0\)"):
+        MelConfig.from_json(b"\xff\xfe{\x00}\x00", "data/mel_config.json")
