@@ -149,7 +149,8 @@ def test_every_format_libsndfile_reads_is_chosen_by_its_extension_and_decodes(fm
                     "macOS resource fork (.sd2, listed but not writable here)")
     assert extension in AUDIO_EXTENSIONS
     subtypes = soundfile.available_subtypes(fmt)
-    subtype = next((s for s in ("PCM_16", "VORBIS", "MPEG_LAYER_III", "DPCM_16", "PCM_S8", "ALAW") if s in subtypes), None)
+    subtype = next((s for s in ("PCM_16", "VORBIS", "MPEG_LAYER_III", "DPCM_16", "PCM_S8", "ALAW") if s in subtypes),
+                   None)
     rate = 8000 if fmt in ("WVE", "VOC") else 22050
     path = tmp_path / f"tone{extension}"
     try:
