@@ -18,7 +18,7 @@ import io
 import os
 import posixpath
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import av
@@ -43,6 +43,7 @@ MAX_SAMPLE_RATE = 768_000
 MAX_CHANNELS = 64  # 7th-order ambisonics; a block of 64 channels is 16 MiB of float32
 # mp3 frame counts in headers are estimates; only a clear shortfall counts as truncation
 _TRUNCATION_TOLERANCE = 0.99
+_NOT_DECODABLE = "not decodable as audio"  # how a reject reason begins when no decoder took the file
 # samples per resampled block: about 1.5 s at 44.1 kHz, so a worker holds a few MB of a track at a time
 BLOCK_FRAMES = 1 << 16
 
@@ -55,7 +56,7 @@ class _Opened:
     channels: int
     frames: int | None  # as declared; None where the container does not say
     exact: bool  # whether `frames` is exact enough to detect truncation by
-    read: object  # (max frames) -> a block, empty at the end
+    read: Callable[[int], np.ndarray]  # (most frames) -> a block, empty at the end
 
 
 def decode(data: bytes, source: str) -> tuple[np.ndarray, int]:
@@ -222,9 +223,6 @@ def _checked_blocks(f: _Opened, source: str, max_seconds: float | None, block_fr
         raise BadAudioError(source, "no audio samples")
     if f.exact and decoded < f.frames * _TRUNCATION_TOLERANCE:
         raise BadAudioError(source, f"truncated: header declares {f.frames} frames, only {decoded} decode")
-
-
-_NOT_DECODABLE = "not decodable as audio"
 
 
 def _undecodable(source: str, error: Exception) -> BadAudioError:

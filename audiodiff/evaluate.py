@@ -8,7 +8,7 @@ on Ray Data.
 
 Inputs (`--clips`, `--reference`; local, file://, s3://, gs://):
 - a generate output (`manifest.parquet`): its clips' WAV files, so clips of any model and mel config compare;
-- a folder (or one file) of audio: wav, flac, ogg, mp3, recursively;
+- a folder (or one file) of audio, recursively: every format preprocess reads (`audio.AUDIO_EXTENSIONS`);
 - a spectrogram dataset from `audiodiff preprocess` (`mel_config.json`, `data/part-*.parquet`): its images.
 
 Everything is brought to mel images of one config: a spectrogram dataset's `mel_config.json` when either side

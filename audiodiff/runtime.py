@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 import ray
 
@@ -112,11 +113,13 @@ def worker_errors(*wrappers: type[Exception]):
     """Around running a dataset: the AudiodiffError a Ray worker raised (storage that cannot be read, say)
     stops the job as itself. Ray Data hands the worker's exception over as traceback text only, so the
     message, which names the input, is read from there; also from the `wrappers` given (Ray Train's
-    TrainingFailedError, whose text holds its workers' tracebacks)."""
+    TrainingFailedError, whose own text cuts its workers' tracebacks short: they are read from the exceptions it
+    carries, `worker_failures`)."""
     try:
         yield
     except (ray.exceptions.RayError, *wrappers) as e:
-        found = _WORKER_ERROR.findall(str(e))
+        failures = getattr(e, "worker_failures", {}).values()
+        found = _WORKER_ERROR.findall("\n".join([str(e), *("".join(traceback.format_exception(f)) for f in failures)]))
         if not found:
             raise
         raise AudiodiffError(found[-1]) from None

@@ -66,6 +66,33 @@ def test_every_damaged_file_decodes_or_is_rejected_naming_it():
     assert decoded and rejected  # the damage is neither all harmless nor all fatal (measured: about 70 / 230)
 
 
+def test_every_damaged_ffmpeg_file_decodes_or_is_rejected_naming_it():
+    from test_audio import _ffmpeg_encoded
+
+    rng = np.random.default_rng(3)
+    originals = {"m4a": _ffmpeg_encoded("ipod", "aac"), "webm": _ffmpeg_encoded("webm", "libopus")}
+    outcomes = []
+    for ext, data in originals.items():
+        for n in range(60):
+            out = bytearray(data)
+            if n % 2:
+                out = out[: rng.integers(0, len(out))]
+            else:
+                for position in rng.integers(0, len(out), size=rng.integers(1, 16)):
+                    out[position] ^= 1 << rng.integers(0, 8)
+            name = f"{n:03d}.{ext}"
+            try:
+                audio = load_audio(bytes(out), 22050, source=name)
+            except BadAudioError as e:
+                assert str(e).startswith(f"{name}: ") and e.reason
+                outcomes.append(False)
+            else:
+                assert audio.dtype == np.float32 and audio.ndim == 1 and np.isfinite(audio).all(), name
+                assert len(audio) < 2 * 22050, name  # never more than the file held
+                outcomes.append(True)
+    assert any(outcomes) and not all(outcomes)
+
+
 def test_preprocess_accounts_for_every_damaged_track(local_ray, tmp_path):
     source = tmp_path / "damaged"
     for name, data in damaged(per_format=6, seed=1).items():

@@ -16,6 +16,7 @@ from PIL import Image
 from audiodiff import models, storage
 from audiodiff.cli import main
 from audiodiff.clips import ClipSettings, work_dataset
+from audiodiff.errors import AudiodiffError
 from audiodiff.outputs import clip_row
 
 FAST = ["--scheduler", "ddim", "--steps", "4"]
@@ -208,3 +209,12 @@ def test_bad_model_unwritable_output_and_changed_settings(local_ray, tiny_model,
     assert "cannot write" in capsys.readouterr().err
     assert main(["generate", "--model", tiny_model, "--output", str(made), "--scheduler", "ddim", "--steps", "5"]) == 1
     assert "holds clips made with other settings (steps differ)" in capsys.readouterr().err
+
+
+def test_seconds_are_bounded_to_an_hour_before_any_work():
+    from audiodiff.generate import check_long_form
+    from audiodiff.mel import MelConfig
+
+    check_long_form(MelConfig(), 3600, 2)
+    with pytest.raises(AudiodiffError, match=r"--seconds 1e\+07 is over 3600 \(one hour\)"):
+        check_long_form(MelConfig(), 1e7, 2)  # was accepted: 220 G samples

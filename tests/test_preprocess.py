@@ -363,7 +363,8 @@ def test_opus_m4a_aiff_and_webm_are_read_and_other_files_are_counted_by_extensio
     from test_audio import _ffmpeg_encoded
 
     source = tmp_path / "library"
-    write(source / "a.opus", synthesize("drone", 3, 48000, seed=1), 48000)  # libsndfile's Ogg Opus
+    source.mkdir()
+    soundfile.write(source / "a.opus", synthesize("drone", 3, 48000, seed=1), 48000, format="OGG", subtype="OPUS")
     write(source / "b.aiff", synthesize("beats", 3, 44100, seed=2))
     (source / "c.m4a").write_bytes(_ffmpeg_encoded("ipod", "aac", seconds=3))  # through PyAV's FFmpeg
     (source / "d.webm").write_bytes(_ffmpeg_encoded("webm", "libopus", seconds=3))
