@@ -231,6 +231,8 @@ def _evaluate_parser(subparsers, common) -> None:
     p.add_argument("--by-genre", action="store_true",
                    help="also each genre's clips against each genre's reference (genres from the manifest, the "
                         "dataset, or the audio files' folders)")
+    p.add_argument("--max-seconds", type=float,
+                   help="longer audio files are rejected, not cut, and listed in `rejected` (default: 30 minutes)")
 
 
 def _run_evaluate(args) -> None:

@@ -64,9 +64,10 @@ class SpectrogramSink(Datasink):
     Rows in: `source`, `genre`, `reason` (None for a good track), `seconds`, `silent`, `slices` (indices),
     `pngs` (one PNG per index)."""
 
-    def __init__(self, output: str, started: float):
+    def __init__(self, output: str, started: float, skipped_by_extension: dict | None = None):
         self.output = output
         self.started = started
+        self.skipped_by_extension = skipped_by_extension or {}  # files of a source not read for their type
 
     @property
     def min_rows_per_write(self) -> int:
@@ -109,6 +110,7 @@ class SpectrogramSink(Datasink):
             "silent_slices_skipped": sum(t[3] for t in tracks),
             "seconds_of_audio": round(sum(t[1] for t in tracks), 3),
             "per_genre": dict(sorted(per_genre.items())),
+            "skipped_by_extension": dict(sorted(self.skipped_by_extension.items())),
             "elapsed_seconds": round(time.time() - self.started, 3),
         }
         storage.write_bytes(storage.join(self.output, STATS), (json.dumps(stats, indent=2) + "\n").encode())
@@ -259,15 +261,20 @@ def first_image_size(uri: str) -> tuple[int, int]:
         else:
             with fs.open_input_stream(path) as f:  # the first batch only, not the whole shard
                 column = pa.ipc.open_stream(f).read_next_batch().column("image")
-        height, width = png_image(column[0]["bytes"].as_py()).shape
+        height, width = png_image(column[0]["bytes"].as_py(), f"{uri}: the first image").shape
     except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
         raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
     return height, width
 
 
-def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PNG bytes -> uint8 [batch, height, width]; images stay uint8 until they reach the accelerator."""
-    return {"image": np.stack([png_image(item["bytes"]) for item in batch["image"]])}
+def decode_images(batch: dict[str, np.ndarray], size: tuple[int, int] | None = None, uri: str = "") -> dict[str, np.ndarray]:
+    """PNG bytes -> uint8 [batch, height, width]; images stay uint8 until they reach the accelerator. Each image
+    is checked against `size` (height, width) before it is decoded; one that is not a PNG of that size raises
+    BadImageError naming the dataset `uri` and the row (its audio_file and slice, or the image's path)."""
+    names = ([f"{a}#{i}" for a, i in zip(batch["audio_file"], batch["slice"])] if "audio_file" in batch else
+             [item.get("path") or "an image without a path" for item in batch["image"]])
+    return {"image": np.stack([png_image(item["bytes"], f"{uri}: {name}", size)
+                               for item, name in zip(batch["image"], names)])}
 
 
 def filter_genres(dataset: ray.data.Dataset, genres: list[str]) -> ray.data.Dataset:

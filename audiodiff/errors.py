@@ -12,3 +12,7 @@ class BadAudioError(AudiodiffError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class BadImageError(BadAudioError):
+    """A spectrogram image that is not a PNG of the expected size and mode (damaged, a decompression bomb)."""

@@ -8,7 +8,7 @@ on Ray Data.
 
 Inputs (`--clips`, `--reference`; local, file://, s3://, gs://):
 - a generate output (`manifest.parquet`): its clips' WAV files, so clips of any model and mel config compare;
-- a folder (or one file) of audio: wav, flac, ogg, mp3, recursively;
+- a folder (or one file) of audio, recursively: every format preprocess reads (`audio.AUDIO_EXTENSIONS`);
 - a spectrogram dataset from `audiodiff preprocess` (`mel_config.json`, `data/part-*.parquet`): its images.
 
 Everything is brought to mel images of one config: a spectrogram dataset's `mel_config.json` when either side
@@ -23,8 +23,8 @@ mel slices (zero padded when shorter than one), a file's segments in one batch; 
 into audio by the codec's Griffin-Lim, as generated clips are. It returns [batch, dim] or [batch, n, dim]; every
 vector counts.
 
-A file that does not decode, or an image that is not the dataset's size, is skipped and reported in
-`rejected`; the run carries on. A side with fewer than two vectors stops the run.
+A file that does not decode, an audio file longer than `max_seconds` (rejected whole, not cut) or an image that
+is not the dataset's size is skipped and reported in `rejected`; the run carries on. A side with fewer than two vectors stops the run.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
-from PIL import Image
 from ray.data.expressions import col, lit
 
 from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
+from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
@@ -69,11 +69,14 @@ class EvaluateConfig:
     embedding: str = "mel"  # "mel", or the path or URI of a TorchScript embedding module
     output: str | None = None  # where the result goes as JSON
     by_genre: bool = False  # also the distance of each genre's clips to each genre's reference
+    # longer audio files are rejects (not cut): a file is decoded whole into a worker's memory, 159 MB at 30 min
+    max_seconds: float = 30 * 60
     shared_path: bool = False  # local --clips and --reference that every node of a multi-node cluster mounts
 
     def __post_init__(self):
         """The checks that need no data and no cluster (audiodiff.checks)."""
         checks.finite(self)
+        checks.positive(self, "max_seconds")
         for name in ("clips", "reference", "embedding"):
             if not getattr(self, name):
                 raise AudiodiffError(f"{checks.flag(self, name)} is empty; give a path or URI")
@@ -198,10 +201,11 @@ class _Embedder:
     Rows in: `side`, `source`, `data` (an audio file, or a spectrogram's PNG), `is_image` (whether a PNG).
     Rows out: `side`, `source`, `reason` (None when embedded), `vectors` (a list of vectors, empty if none)."""
 
-    def __init__(self, model: bytes | None, mel: MelConfig, source: str):
+    def __init__(self, model: bytes | None, mel: MelConfig, source: str, max_seconds: float | None = None):
         torch.set_num_threads(1)  # several workers share the CPUs
         self.embedding = _embedding(model, mel, source)
         self.mel = mel
+        self.max_seconds = max_seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources, data = batch["source"].to_pylist(), batch["data"].to_pylist()
@@ -211,7 +215,8 @@ class _Embedder:
                 if is_image:
                     images[i] = self._decode(item, source)
                 else:
-                    vectors[i] = self.embedding.of_audio(load_audio(item, self.embedding.sample_rate, source))
+                    audio = load_audio(item, self.embedding.sample_rate, source, self.max_seconds)
+                    vectors[i] = self.embedding.of_audio(audio)
             except Exception as e:  # noqa: BLE001 - one odd file must not take its batch down (RAY_NOTES.md)
                 reasons[i] = _reason(e)
         if images:  # embedded together: one batched Griffin-Lim for a user's embedding
@@ -225,14 +230,7 @@ class _Embedder:
                          "vectors": [list(v) for v in vectors], "genre": batch["genre"]}, schema=_VECTORS)
 
     def _decode(self, png: bytes, source: str) -> np.ndarray:
-        try:
-            image = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
-        except OSError as e:
-            raise BadAudioError(source, f"not a readable PNG ({e})") from None
-        if image.shape != (self.mel.y_res, self.mel.x_res):
-            raise BadAudioError(source, f"image is {image.shape[0]}x{image.shape[1]}; the dataset's "
-                                        f"mel_config.json says {self.mel.y_res}x{self.mel.x_res}")
-        return image
+        return png_image(png, source, (self.mel.y_res, self.mel.x_res))
 
 
 def _reason(error: Exception) -> str:
@@ -283,8 +281,8 @@ def _open_side(name: str, uri: str) -> _Side:
         return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g})
     files = storage.list_files(uri, AUDIO_EXTENSIONS) if storage.is_dir(uri) else [uri]
     if not files:
-        raise AudiodiffError(f"--{name} {uri}: no audio files ({', '.join(AUDIO_EXTENSIONS)}), generate output "
-                             "(manifest.parquet) or spectrogram dataset (mel_config.json) there")
+        raise AudiodiffError(f"--{name} {uri}: no audio files (chosen by extension: README.md, 'Audio formats'), "
+                             "generate output (manifest.parquet) or spectrogram dataset (mel_config.json) there")
     # audio: a file's genre is the name of its folder, as preprocess --genre-from-folder takes it
     return _Side(name, uri, "files", files, genres={f: folder_genre(f) for f in files})
 
@@ -317,15 +315,15 @@ def _items(side: _Side) -> ray.data.Dataset:
     return rows.with_columns({"side": lit(side.name), **items}, num_cpus=LIGHT_CPUS).select_columns(_ITEMS.names)
 
 
-def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str) -> pa.Table:
+def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str, max_seconds: float) -> pa.Table:
     """Both sides' items through the embedding; their rows, collected on the driver. The built-in embedding
     has nothing worth keeping between batches (its codec takes milliseconds to build), so it runs as tasks on
     the worker processes Ray keeps warm; a user's module is loaded once per actor."""
     if model is None:
-        udf = {"fn": _embed_with_mel, "fn_args": (mel,)}
+        udf = {"fn": _embed_with_mel, "fn_args": (mel, max_seconds)}
     else:
         actors = max(1, int(cluster_capacity("CPU", cpu_only=True)))
-        udf = {"fn": _Embedder, "fn_constructor_args": (model, mel, source),
+        udf = {"fn": _Embedder, "fn_constructor_args": (model, mel, source, max_seconds),
                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors)}
     embedded = _items(sides[0]).union(_items(sides[1])).map_batches(
         **udf, batch_size=8, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
@@ -345,8 +343,8 @@ def _item_count(side: _Side) -> int:
     return sum(pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows for f in side.files)
 
 
-def _embed_with_mel(batch: pa.Table, mel: MelConfig) -> pa.Table:
-    return _Embedder(None, mel, "mel")(batch)
+def _embed_with_mel(batch: pa.Table, mel: MelConfig, max_seconds: float) -> pa.Table:
+    return _Embedder(None, mel, "mel", max_seconds)(batch)
 
 
 def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, dict, list[dict]]:
@@ -393,7 +391,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if model is not None:  # a module that does not load or gives the wrong shape stops here, before any worker
         _ScriptedEmbedding(model, mel, config.embedding).of_audio(np.zeros(1, np.float32))
     check_paths_reachable(config.shared_path, inputs=[config.clips, config.reference])  # the workers read both
-    rows = _embed(sides, model, mel, config.embedding)
+    rows = _embed(sides, model, mel, config.embedding, config.max_seconds)
     summaries, statistics, rejected, labelled = {}, [], [], []
     for side in sides:
         vectors, genres, summaries[side.name], side_rejected = _side_vectors(rows, side)

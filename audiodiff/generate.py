@@ -63,6 +63,9 @@ def default_overlap(mel: MelConfig) -> float:
     """Half of what a window can keep (its width less its end frames), at most 2 s: 2 s for 256-frame models,
     about 0.68 s for the tiny preset's 64 frames (a 1.46 s window)."""
     return min(2.0, mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate / 2)
+# The vocoder works in bounded windows, but a clip's own audio (4 bytes a sample, 318 MB an hour at 22050 Hz), its
+# WAV and its PNG are held whole by the actor that makes it, times the batch: one hour bounds that.
+MAX_CLIP_SECONDS = 3600
 
 
 def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
@@ -71,6 +74,9 @@ def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
     if seconds <= window:
         raise AudiodiffError(f"--seconds {seconds:g} is not longer than one window ({window:.2f} s); "
                              "ask for more, or make standard clips")
+    if seconds > MAX_CLIP_SECONDS:
+        raise AudiodiffError(f"--seconds {seconds:g} is over {MAX_CLIP_SECONDS} (one hour): a clip is held whole "
+                             "(its audio, WAV and PNG) by the actor that makes it; make several shorter ones")
     usable = mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate
     if not 0 < mel.frames_in(overlap) < mel.x_res - 2 * mel.edge_frames:
         raise AudiodiffError(f"--overlap {overlap:g} s must be shorter than one window less its end frames "

@@ -26,6 +26,25 @@ _PHASE_SEED = 0
 # thread the forward product runs over groups of this many bands, each against only the bins the group covers: 28x
 # fewer multiply-adds at 256 bands (7x at 64), the same sums up to float rounding order (BENCHMARKS.md, "Mel codec").
 _BANDS_PER_GROUP = 8
+# What a mel config may ask for: teticio's numbers lie well inside, and the largest cost little (a mel basis of
+# 1024 x 8193 floats, 32 MiB; 1000 Griffin-Lim iterations, 30x the default). Without upper bounds one line of
+# mel_config.json asked every actor for a 137 GB basis (n_fft 2^28) or a vocoder that never ends (n_iter 1e9).
+MEL_BOUNDS = {"x_res": (8, 4096), "y_res": (8, 1024), "sample_rate": (1000, 192_000), "n_fft": (16, 16384),
+              "hop_length": (1, 16384), "top_db": (1, 200), "n_iter": (1, 1000)}
+MAX_SLICE_SAMPLES = 1 << 21  # x_res * hop_length: one image's audio, 95 s at 22050 Hz (16x teticio's)
+
+
+def _check_mel_values(values: dict, source: str) -> None:
+    for name, (low, high) in MEL_BOUNDS.items():
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise AudiodiffError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if not low <= value <= high:
+            raise AudiodiffError(f"{source}: {name} {value} is outside {low}..{high}; give a value in that range")
+    if values["x_res"] * values["hop_length"] > MAX_SLICE_SAMPLES:
+        raise AudiodiffError(f"{source}: x_res {values['x_res']} x hop_length {values['hop_length']} is "
+                             f"{values['x_res'] * values['hop_length']} samples per image, over {MAX_SLICE_SAMPLES}; "
+                             "make the image narrower or the hop shorter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +60,7 @@ class MelConfig:
     n_iter: int = 32
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise AudiodiffError(f"mel config: {field.name} must be a positive integer, got {value!r}")
+        _check_mel_values(dataclasses.asdict(self), "mel config")
 
     @property
     def slice_size(self) -> int:
@@ -76,13 +92,17 @@ class MelConfig:
         if unknown:
             raise AudiodiffError(f"{source}: unknown mel config keys {unknown}; expected some of {sorted(known)}")
         # diffusers writes top_db as an int, but older configs have 80.0
-        return cls(**{k: int(v) if isinstance(v, float) and v.is_integer() else v
-                      for k, v in values.items() if k in known})
+        given = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items() if k in known}
+        _check_mel_values({**dataclasses.asdict(cls()), **given}, source)
+        return cls(**given)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "mel_config.json") -> MelConfig:
+    def from_json(cls, text: str | bytes, source: str = "mel_config.json") -> MelConfig:
         try:
-            values = json.loads(text)
+            values = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError as e:
+            raise AudiodiffError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "a mel_config.json is a JSON file") from None
         except json.JSONDecodeError as e:
             raise AudiodiffError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(values, dict):
@@ -194,16 +214,57 @@ class MelCodec:
         """uint8 [batch, y_res, width] -> float32 [batch, hop_length * (width - 1)] on the codec's device.
 
         Deterministic: the Griffin-Lim phase starts from a fixed random draw that depends only on the image
-        size, so an image gives the same audio alone or in any batch.
+        size, so an image gives the same audio alone or in any batch. An image wider than `vocoder_window`
+        frames is vocoded window by window (`_vocode_in_windows`), so memory beyond the audio returned does not
+        grow with the width; standard and 4x-extended images fit in one window.
         """
         images = torch.as_tensor(images)
         c = self.config
         if images.ndim != 3 or images.dtype != torch.uint8 or images.shape[1] != c.y_res:
             raise ValueError(f"images_to_audio takes uint8 [batch, {c.y_res}, width], "
                              f"got {images.dtype} {tuple(images.shape)}")
+        if images.shape[-1] <= self.vocoder_window:
+            return self._vocode(images)[0]
+        return self._vocode_in_windows(images)
+
+    @property
+    def vocoder_window(self) -> int:
+        """Frames vocoded at once: 4 images wide (a 4x-extended clip), and wide enough that its overlap with the
+        next window (an eighth) holds more than the frames at both ends that zero padding disturbs."""
+        return max(4 * self.config.x_res, 16 * self.config.edge_frames + 16)
+
+    def _vocode(self, images: torch.Tensor, start_angles: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (audio, Griffin-Lim's last phase [batch, n_freqs, width] as unit complex numbers)."""
+        c = self.config
         db = images.to(self.device, torch.float32) * (c.top_db / 255.0) - c.top_db
         mel_power = torch.pow(10.0, db / 10.0)
-        return self._griffin_lim(self._mel_to_stft_power(mel_power).sqrt())
+        return self._griffin_lim(self._mel_to_stft_power(mel_power).sqrt(), start_angles)
+
+    def _vocode_in_windows(self, images: torch.Tensor) -> torch.Tensor:
+        """A wide image in windows of `vocoder_window` frames that overlap by an eighth: each window's phase
+        starts, on the overlap, from where the window before ended, and the two are cross-faded (raised cosine)
+        over the overlap less the frames at either window's end, whose STFT reaches into zero padding."""
+        c = self.config
+        width, window = images.shape[-1], self.vocoder_window
+        overlap, edge, hop = window // 8, c.edge_frames, c.hop_length
+        out = torch.zeros(images.shape[0], c.samples_for_width(width), device=self.device)
+        start, end, angles = 0, 0, None
+        while end < width:
+            previous_end, start = end, max(0, end - overlap)
+            end = min(start + window, width)
+            audio, last = self._vocode(images[..., start:end], angles)
+            offset = start * hop
+            if previous_end == 0:
+                out[:, :audio.shape[-1]] = audio
+            else:
+                fade_start, fade_end = (start + edge) * hop, (previous_end - 1 - edge) * hop
+                ramp = torch.sin(torch.linspace(0, math.pi / 2, fade_end - fade_start, device=self.device)) ** 2
+                ours = audio[:, fade_start - offset:fade_end - offset]
+                out[:, fade_start:fade_end] = out[:, fade_start:fade_end] * (1 - ramp) + ours * ramp
+                out[:, fade_end:offset + audio.shape[-1]] = audio[:, fade_end - offset:]
+            angles = last[..., end - overlap - start:]
+        return out
 
     def _mel_to_stft_power(self, mel_power: torch.Tensor) -> torch.Tensor:
         """Non-negative least squares for `mel_basis @ x = mel_power`, per frame, batched."""
@@ -214,13 +275,19 @@ class MelCodec:
             estimate = estimate * numerator / (torch.matmul(basis.T, torch.matmul(basis, estimate)) + _AMIN)
         return estimate
 
-    def _griffin_lim(self, magnitude: torch.Tensor) -> torch.Tensor:
+    def _griffin_lim(self, magnitude: torch.Tensor, start_angles: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Magnitudes [batch, n_freqs, frames] -> (audio, the last phase). The phase starts from the fixed draw,
+        its first frames from `start_angles` where given (the end of the window before)."""
         c = self.config
         n_freqs, n_frames = magnitude.shape[-2:]
         length = c.samples_for_width(n_frames)
         generator = torch.Generator().manual_seed(_PHASE_SEED)
         phase = torch.rand(n_freqs, n_frames, generator=generator).to(self.device)
         angles = torch.polar(torch.ones_like(phase), 2 * math.pi * phase).expand_as(magnitude)
+        if start_angles is not None:
+            angles = angles.clone()
+            angles[..., :start_angles.shape[-1]] = start_angles
         rebuilt = torch.zeros((), dtype=angles.dtype, device=self.device)
         momentum = _GRIFFIN_LIM_MOMENTUM / (1 + _GRIFFIN_LIM_MOMENTUM)
         for _ in range(c.n_iter):
@@ -228,4 +295,4 @@ class MelCodec:
             rebuilt = self._stft(self._istft(magnitude * angles, length))
             angles = rebuilt - momentum * previous
             angles = angles / (angles.abs() + 1e-16)
-        return self._istft(magnitude * angles, length)
+        return self._istft(magnitude * angles, length), angles

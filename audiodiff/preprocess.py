@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import posixpath
 import re
 import tempfile
 import time
@@ -84,6 +85,7 @@ class Tracks:
 
     dataset: ray.data.Dataset
     genre_counts: collections.Counter
+    skipped_by_extension: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 # sources
@@ -107,11 +109,28 @@ def open_source(uri: str, config: PreprocessConfig) -> Tracks:
     parquet = [f for f in files if f.endswith(".parquet")]
     if parquet:
         fs = storage.resolve(uri)[0]
-        return _open_parquet([storage.resolve(f)[1] for f in parquet], fs, uri, config)
+        tracks = _open_parquet([storage.resolve(f)[1] for f in parquet], fs, uri, config)
+        return dataclasses.replace(tracks, skipped_by_extension=skipped_by_extension(files, (".parquet",)))
     audio = [f for f in files if f.lower().endswith(AUDIO_EXTENSIONS)]
+    skipped = skipped_by_extension(files, AUDIO_EXTENSIONS)
     if not audio:
-        raise AudiodiffError(f"{uri}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) or parquet files found")
-    return _open_audio_files(audio, config)
+        found = f" (only {describe_skipped(skipped)})" if skipped else ""
+        raise AudiodiffError(f"{uri}: no audio or parquet files found{found}; audio is chosen by extension: "
+                             "README.md, 'Audio formats', lists them")
+    return dataclasses.replace(_open_audio_files(audio, config), skipped_by_extension=skipped)
+
+
+def skipped_by_extension(files: list[str], kept: tuple[str, ...]) -> collections.Counter:
+    """How many of `files` are not of the `kept` extensions, per extension (lower case; "(none)" for none)."""
+    extensions = (os.path.splitext(posixpath.basename(f))[1].lower() or "(none)" for f in files
+                  if not f.lower().endswith(kept))
+    return collections.Counter(extensions)
+
+
+def describe_skipped(counts: dict) -> str:
+    """{".txt": 3, ".jpg": 1} -> "4 files of other types (.txt 3, .jpg 1)"."""
+    top = ", ".join(f"{ext} {n}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{sum(counts.values())} file{'s' if sum(counts.values()) != 1 else ''} of other types ({top})"
 
 
 def _open_audio_files(files: list[str], config: PreprocessConfig) -> Tracks:
@@ -379,7 +398,8 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     tracks = opened[0].dataset.union(*[o.dataset for o in opened[1:]]) if len(opened) > 1 else opened[0].dataset
     if config.limit is not None:
         tracks = tracks.limit(config.limit)
-    sink = SpectrogramSink(config.output, started)
+    skipped = sum((o.skipped_by_extension for o in opened), collections.Counter())
+    sink = SpectrogramSink(config.output, started, dict(skipped))
     selected = sum(n for genre, n in counts.items() if not config.genres or genre in config.genres)
     with worker_errors(), progress.Progress("preprocess", min(selected, config.limit or selected), "tracks",
                                             workers=True) as made:
@@ -389,6 +409,8 @@ def run_preprocess(config: PreprocessConfig) -> dict:
 
 
 def summary_line(stats: dict, output: str) -> str:
+    skipped = stats.get("skipped_by_extension")
     return (f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
-            f"{stats['tracks_rejected']} rejected; {stats['slices_written']} slices "
+            f"{stats['tracks_rejected']} rejected" + (f", {describe_skipped(skipped)} skipped" if skipped else "")
+            + f"; {stats['slices_written']} slices "
             f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {output}")

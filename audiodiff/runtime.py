@@ -10,6 +10,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable
+import traceback
 
 import ray
 
@@ -18,7 +19,7 @@ from audiodiff.errors import AudiodiffError
 
 log = logging.getLogger(__name__)
 # how an AudiodiffError raised in a Ray worker reads in the error the driver gets
-_WORKER_ERROR = re.compile(r"^audiodiff\.errors\.(?:AudiodiffError|BadAudioError): (.+)$", re.M)
+_WORKER_ERROR = re.compile(r"^audiodiff\.errors\.(?:AudiodiffError|BadAudioError|BadImageError): (.+)$", re.M)
 
 # CPU shares of Ray steps. Heavy per-item work (spectrogram actors) takes 3/4 of a CPU and every light step
 # (reading, reshaping rows, filtering, writing) 1/4, so a full pool of one actor per core still leaves room
@@ -174,14 +175,17 @@ def require_gpus(needed: int, asked_by: str) -> None:
 
 
 @contextlib.contextmanager
-def worker_errors():
+def worker_errors(*wrappers: type[Exception]):
     """Around running a dataset: the AudiodiffError a Ray worker raised (storage that cannot be read, say)
     stops the job as itself. Ray Data hands the worker's exception over as traceback text only, so the
-    message, which names the input, is read from there."""
+    message, which names the input, is read from there; also from the `wrappers` given (Ray Train's
+    TrainingFailedError, whose own text cuts its workers' tracebacks short: they are read from the exceptions it
+    carries, `worker_failures`)."""
     try:
         yield
-    except ray.exceptions.RayError as e:
-        found = _WORKER_ERROR.findall(str(e))
+    except (ray.exceptions.RayError, *wrappers) as e:
+        failures = getattr(e, "worker_failures", {}).values()
+        found = _WORKER_ERROR.findall("\n".join([str(e), *("".join(traceback.format_exception(f)) for f in failures)]))
         if not found:
             raise
         raise AudiodiffError(found[-1]) from None

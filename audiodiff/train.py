@@ -55,7 +55,7 @@ from audiodiff.mel import MelCodec
 from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
 from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, largest_node, require_gpus,
-                               smallest_object_store)
+                               smallest_object_store, worker_errors)
 
 RUN_NAME = "finetune"
 GENRES_STATE = "genres.pt"  # a genre model's checkpointed vectors and their EMA
@@ -164,23 +164,24 @@ def _holdout_keys(rows: list[dict]) -> set[str]:
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
 
-def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool, genres: list[str] | None = None
-            ) -> ray.data.Dataset:
-    """The decoded images of the rows whose key is (or is not) in `keys`; with `genres`, each image's `label`
-    too: the index of its genre (`len(genres)`, the null vector's, for none)."""
+def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool, size: tuple[int, int], uri: str,
+            genres: list[str] | None = None) -> ray.data.Dataset:
+    """The decoded images of the rows whose key is (or is not) in `keys`, each checked to be a PNG of `size`
+    (an image that is not stops the run naming `uri` and its row); with `genres`, each image's `label` too: the
+    index of its genre (`len(genres)`, the null vector's, for none)."""
     def flag(batch: pa.Table) -> pa.Table:
         held = [_row_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
         return batch.append_column("held_out", pa.array(held, pa.bool_()))
 
     def decode_labelled(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index = {genre: i for i, genre in enumerate(genres)}
-        return {**decode_images(batch), "label": np.array([index.get(g, len(genres)) for g in batch["genre"]])}
+        index = {genre: i for i, genre in enumerate(genres or [])}
+        labels = {"label": np.array([index.get(g, len(genres)) for g in batch["genre"]])} if genres is not None else {}
+        return {**decode_images(batch, size, uri), **labels}
 
     flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     chosen = flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
-    if genres is None:
-        return chosen.select_columns(["image"]).map_batches(decode_images, num_cpus=LIGHT_CPUS)
-    return chosen.select_columns(["image", "genre"]).map_batches(decode_labelled, num_cpus=LIGHT_CPUS)
+    keyed = ["image", "audio_file", "slice"] + (["genre"] if genres is not None else [])
+    return chosen.select_columns(keyed).map_batches(decode_labelled, num_cpus=LIGHT_CPUS)
 
 
 class LatentEncoder:
@@ -219,7 +220,8 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{parts.image_size[0]}x{parts.image_size[1]} (height x width); "
                              f"preprocess with --model {config.model}")
-    with _ordered():  # blocks in file order, so a seeded permutation picks the same images on every run
+    # blocks in file order, so a seeded permutation picks the same images on every run
+    with _ordered(), worker_errors():
         dataset = read_spectrograms(config.data, config.genres, shuffle_seed=None if not config.stream else config.seed)
         names = columns(config.data)
         if not {"audio_file", "slice"} <= set(names):
@@ -238,8 +240,8 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         rows = dataset.select_columns(keyed).take_all()
         keys = _holdout_keys(rows)
         genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
-        held = np.stack([row["image"] for row in _images(dataset, keys, True).take_all()])
-        train = _images(dataset, keys, False, genres)
+        held = np.stack([row["image"] for row in _images(dataset, keys, True, (height, width), config.data).take_all()])
+        train = _images(dataset, keys, False, (height, width), config.data, genres)
         fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
         # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
         in_memory = (fits and not config.stream) or parts.vqvae is not None
@@ -704,7 +706,8 @@ def run_finetune(config: TrainConfig) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
         datasets=datasets,
     )
-    result = trainer.fit()
+    with worker_errors(ray.train.TrainingFailedError):  # a streamed image that is not a PNG of the model's size
+        result = trainer.fit()
     history = export(result.checkpoint, parts, config.output, plan.genres)
     quality = [h["frechet_distance"] for h in history if "frechet_distance" in h]
     return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,

@@ -269,3 +269,17 @@ def test_bad_inputs_are_refused_before_any_work_naming_them(music, tmp_path):
     refused(r"--embedding .*weights.pt: not found", embedding=str(tmp_path / "weights.pt"))
     torch.save({"weight": torch.zeros(3)}, tmp_path / "state.pt")  # a pickle: refused, never unpickled
     refused(r"state.pt: not a TorchScript module", embedding=str(tmp_path / "state.pt"))
+
+
+def test_audio_longer_than_max_seconds_is_rejected_not_decoded_whole():
+    from audiodiff.evaluate import _Embedder
+
+    items = pa.table({"side": ["clips"] * 3, "source": ["short.wav", "long.wav", "bomb.png"],
+                      "data": [wav_bytes(noise(2, 1), FULL.sample_rate), wav_bytes(noise(8, 2), FULL.sample_rate),
+                               png_bytes(np.zeros((FULL.y_res, 9000), np.uint8))],
+                      "is_image": [False, False, True], "genre": [""] * 3})
+    rows = _Embedder(None, FULL, "mel", max_seconds=5)(items).to_pylist()
+    assert rows[0]["reason"] is None and rows[0]["vectors"]
+    assert rows[1]["reason"] == "longer than --max-seconds 5 (8 s); raise --max-seconds to keep it"
+    assert rows[2]["reason"] == "image is 256x9000, expected 256x256 (height x width)"
+    assert EvaluateConfig("a", "b").max_seconds == 1800

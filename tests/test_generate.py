@@ -20,6 +20,7 @@ from audiodiff import models, progress, storage
 from audiodiff.cli import main
 from audiodiff.clips import ClipSettings, work_dataset
 from audiodiff.mel import MelConfig
+from audiodiff.errors import AudiodiffError
 from audiodiff.outputs import clip_row
 
 FAST = ["--scheduler", "ddim", "--steps", "4"]
@@ -234,3 +235,10 @@ def test_progress_lines_say_done_total_rate_and_time_left_at_most_each_tenth_or_
     assert progress.due(31, done=10, last_done=0, total=100, interval=30)
     assert progress.due(300, done=0, last_done=0, total=100, interval=30)  # but at least every 10 intervals
     assert progress.due(0, done=1, last_done=0, total=100, interval=0) and not progress.due(0, 1, 1, 100, 0)
+def test_seconds_are_bounded_to_an_hour_before_any_work():
+    from audiodiff.generate import check_long_form
+    from audiodiff.mel import MelConfig
+
+    check_long_form(MelConfig(), 3600, 2)
+    with pytest.raises(AudiodiffError, match=r"--seconds 1e\+07 is over 3600 \(one hour\)"):
+        check_long_form(MelConfig(), 1e7, 2)  # was accepted: 220 G samples

@@ -165,3 +165,46 @@ def test_mel_config_rejects_bad_values():
         MelConfig.from_dict({"x_res": 64, "hop": 3})
     with pytest.raises(AudiodiffError, match="not valid JSON"):
         MelConfig.from_json("{", "model/mel/mel_config.json")
+
+
+@pytest.mark.parametrize("field, value", [("n_fft", 1 << 28), ("n_iter", 10 ** 9), ("x_res", 100_000), ("y_res", 4),
+                                          ("sample_rate", 10 ** 7), ("hop_length", 1 << 20), ("top_db", 1000)])
+def test_mel_config_json_out_of_bounds_names_the_file_and_field(field, value):
+    # n_fft 2^28 asked for a 137 GB mel basis; n_iter 1e9 for a vocoder that never ends
+    with pytest.raises(AudiodiffError, match=rf"^model/mel/mel_config.json: {field} {value} is outside \d+\.\.\d+"):
+        MelConfig.from_json(json.dumps({field: value}), "model/mel/mel_config.json")
+
+
+def test_mel_config_bounds_the_audio_of_one_image():
+    with pytest.raises(AudiodiffError, match="x_res 4096 x hop_length 16384 is 67108864 samples per image"):
+        MelConfig.from_dict({"x_res": 4096, "hop_length": 16384}, "m.json")
+
+
+def test_mel_config_json_that_is_not_utf8_is_one_line_naming_the_file():
+    with pytest.raises(AudiodiffError, match=r"^data/mel_config.json: not UTF-8 text \(invalid start byte at byte 0\)"):
+        MelConfig.from_json(b"\xff\xfe{\x00}\x00", "data/mel_config.json")
+
+
+def test_wide_images_are_vocoded_in_bounded_overlapping_windows(monkeypatch):
+    # a long clip's Griffin-Lim ran over its whole width: memory grew with --seconds (7-8 GB for an hour)
+    config = MelConfig(x_res=64, y_res=64, n_iter=8)
+    codec = MelCodec(config)
+    audio = np.concatenate([synthesize(g, 4, config.sample_rate, seed=i)
+                            for i, g in enumerate(["arpeggio", "drone", "beats"] * 2)])
+    slices = codec.audio_to_images(audio)
+    wide = torch.cat(list(slices), dim=-1)[None]  # 16 images side by side: 4 windows
+    assert codec.vocoder_window == 4 * config.x_res < wide.shape[-1]
+    widths = []
+    griffin_lim = codec._griffin_lim
+    monkeypatch.setattr(codec, "_griffin_lim", lambda m, a=None: widths.append(m.shape[-1]) or griffin_lim(m, a))
+    windowed = codec.images_to_audio(wide)
+    assert widths and max(widths) <= codec.vocoder_window and len(widths) > 1
+    assert windowed.shape == (1, config.samples_for_width(wide.shape[-1])) and torch.isfinite(windowed).all()
+    whole = codec._vocode(wide)[0]  # the whole width at once, as before
+
+    def distance(clip):  # mean grey-level difference of the clip's own spectrogram to the image it came from
+        back = codec.audio_to_images(clip[0].numpy())
+        return (back.float() - slices[:len(back)].float()).abs().mean()
+
+    # the seams cost little: the windowed audio re-encodes about as close to the image as one piece does
+    assert distance(windowed) <= 1.1 * distance(whole)

@@ -17,6 +17,7 @@ from PIL import Image
 from audiodiff import progress, storage
 from audiodiff.audio import load_audio
 from audiodiff.cli import main
+from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
 from audiodiff.synth import synthesize
 
@@ -358,3 +359,33 @@ def test_storage_going_away_mid_job_stops_it_naming_the_file(local_ray, s3_bucke
     error = capsys.readouterr().err
     assert re.search(rf"audiodiff preprocess: error: {s3_bucket}/in/drone \d\.\w+: cannot read \(", error), error
     assert not (tmp_path / "out" / "stats.json").exists()  # incomplete, and readers refuse it
+
+
+def test_opus_m4a_aiff_and_webm_are_read_and_other_files_are_counted_by_extension(local_ray, tmp_path, capsys):
+    from test_audio import _ffmpeg_encoded
+
+    source = tmp_path / "library"
+    source.mkdir()
+    soundfile.write(source / "a.opus", synthesize("drone", 3, 48000, seed=1), 48000, format="OGG", subtype="OPUS")
+    write(source / "b.aiff", synthesize("beats", 3, 44100, seed=2))
+    (source / "c.m4a").write_bytes(_ffmpeg_encoded("ipod", "aac", seconds=3))  # through PyAV's FFmpeg
+    (source / "d.webm").write_bytes(_ffmpeg_encoded("webm", "libopus", seconds=3))
+    for name in ("cover.jpg", "notes.txt", "lyrics.TXT", "README"):
+        (source / name).write_bytes(b"not audio")
+    run(source, "--output", tmp_path / "out")
+    slices, rejects, stats = read_output(tmp_path / "out")
+    assert not rejects and stats["tracks_written"] == 4
+    assert set(slices["audio_file"].to_pylist()) == {str(source / n) for n in ("a.opus", "b.aiff", "c.m4a", "d.webm")}
+    assert stats["skipped_by_extension"] == {"(none)": 1, ".jpg": 1, ".txt": 2}
+    assert "4 tracks read, 4 written, 0 rejected, 4 files of other types (.txt 2, (none) 1, .jpg 1) skipped;" \
+        in capsys.readouterr().out
+
+
+def test_a_folder_without_audio_says_what_it_holds(tmp_path):
+    from audiodiff.preprocess import PreprocessConfig, open_source
+
+    for name in ("a.txt", "b.txt", "c.jpg"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(AudiodiffError, match=r"no audio or parquet files found \(only 3 files of other types "
+                                             r"\(\.txt 2, \.jpg 1\)\)"):
+        open_source(str(tmp_path), PreprocessConfig([str(tmp_path)], str(tmp_path / "out")))
