@@ -188,6 +188,8 @@ class LatentEncoder:
     as encoding every batch would (teticio's `train_unet.py --vae`), without running the encoder again."""
 
     def __init__(self, model: str, gpu: bool):
+        devices.check_gpu_visible("finetune's latent encoder")
+        devices.set_fp32_precision("fp32")
         self.device = torch.device("cuda" if gpu else "cpu")
         self.vqvae = load_model(model).vqvae.to(self.device).eval()
 
@@ -703,9 +705,8 @@ def _check_resume(config: TrainConfig) -> TrainConfig:
         before = settings_made_with(before)
         config = keep_global_batch(config, before)
         now = result_settings(config)
-        changed = sorted(k for k in now if before.get(k) != now[k] and k not in WORLD_CHANGES)
-        if config.num_workers == before["num_workers"] and config.grad_accum != before["grad_accum"]:
-            changed.append("grad_accum")
+        same_world = config.num_workers == before["num_workers"]
+        changed = sorted(k for k in now if before.get(k) != now[k] and (same_world or k not in WORLD_CHANGES))
         if changed:
             raise AudiodiffError(f"{config.output}: --resume with settings that change the result: "
                                  + ", ".join(f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in changed)
