@@ -62,8 +62,9 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast of the forward pass (default: auto, bf16 on GPUs and on CPUs with native bf16)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "tf32"),
+                   help="autocast of the forward pass (default: auto, bf16 on GPUs and on CPUs with native bf16); "
+                        "tf32: fp32 weights, TF32 matmuls and convolutions on GPUs (fp32 is IEEE fp32)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per worker")
     p.add_argument("--cpus-per-worker", type=float,
@@ -71,7 +72,10 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant", "linear"), help="after the warm-up (default: cosine)")
     p.add_argument("--warmup-steps", type=int, help="default: 10%% of the run, at most 500")
-    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (on --resume with other --num-workers: "
+                                                  "set to keep the run's global batch)")
+    p.add_argument("--grad-compression", choices=("none", "bf16"),
+                   help="bf16: DDP all-reduces gradients in bf16, half the bytes between nodes (default: none)")
     p.add_argument("--checkpoint-every", type=int, help="optimizer steps (default: 500, and at the end)")
     p.add_argument("--log-every", type=int, help="optimizer steps (default: 10)")
     p.add_argument("--sample-every", type=int,

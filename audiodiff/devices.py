@@ -1,6 +1,7 @@
 """Where a model runs and how: the floating-point precision (`auto` resolved per device), the autocast
-context that applies it, the memory layout of a model for inference and the CPU threads of a Ray worker.
-One small module, so that generate, the audio-to-audio commands and finetune make these choices alike.
+context that applies it, the memory layout of a model for inference, the CPU threads of a Ray worker and the
+pre-flight of a GPU worker (check_gpu_visible). One small module, so that generate, the audio-to-audio
+commands and finetune make these choices alike.
 
 Precision. `fp32` runs the model as it is stored; `bf16` and `fp16` run it under `torch.autocast` (weights
 stay fp32; convolutions, matmuls and attention run in the lower precision, everything else, the sampler's
@@ -18,6 +19,10 @@ CPU cluster. Where they are not, an actor without native bf16 still makes the sa
 rounding), only slower, as above; pass --precision to choose. A re-run whose `auto` resolves otherwise (from
 another machine) is refused by the output's settings check, which names `precision`.
 
+TF32. torch runs fp32 convolutions on CUDA as TF32 by default (10 significant bits, where fp32 has 24), so fp32
+would not be what it says: set_fp32_precision turns TF32 off wherever a device is set up, and `tf32` (GPUs
+only) asks for it, for matmuls and convolutions alike, without autocast.
+
 Tolerance. bf16 rounds each noise prediction to 8 significant bits (the tiny model's differs from fp32's by
 at most 0.017); over a deterministic DDIM run of a model that has learned anything this moves a clip by well
 under a grey level on average, less than the vocoder itself loses (tests/test_precision.py states and checks
@@ -33,14 +38,18 @@ import contextlib
 import functools
 import logging
 import math
+import subprocess
 
 import torch
 
 from audiodiff.errors import AudiodiffError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "tf32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+# The oldest NVIDIA driver branch that runs each CUDA major version (minor-version compatibility): torch 2.11's
+# default wheel is CUDA 13.0, which needs R580.
+DRIVER_FOR_CUDA = {"11": 450, "12": 525, "13": 580}
 log = logging.getLogger(__name__)
 
 
@@ -74,12 +83,22 @@ def check_precision(precision: str, gpu: bool, flag: str = "--precision") -> Non
     if precision == "fp16" and not gpu:
         raise AudiodiffError(f"{flag} fp16 runs on GPUs only (with --gpu); on CPU use bf16 (fast where the CPU has "
                              "native bf16) or fp32")
+    if precision == "tf32" and not gpu:
+        raise AudiodiffError(f"{flag} tf32 is a GPU format (with --gpu); on CPU use fp32 or bf16")
+
+
+def set_fp32_precision(precision: str) -> None:
+    """What fp32 matmuls and convolutions on CUDA compute in this process: TF32 for `tf32`, IEEE fp32 otherwise
+    (torch's own default runs convolutions as TF32). Under autocast it governs the ops autocast leaves in fp32."""
+    mode = "tf32" if precision == "tf32" else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The context to run the model's forward pass in: autocast to `precision`, or nothing for fp32. The
     backward pass and a loss belong outside it."""
-    if precision == "fp32":
+    if precision in ("fp32", "tf32"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
@@ -88,6 +107,7 @@ def for_inference(unet: torch.nn.Module, device: torch.device, precision: str) -
     """The model on `device` in eval mode and in the memory layout that is faster there: channels-last on CPU
     (the tiny UNet's step 5 to 15% faster in fp32 and in bf16 at batch 1 and 8, and emulated bf16 13x faster,
     measured; inputs stay NCHW, convolutions take them as they are). On CUDA it is left as it is until measured."""
+    set_fp32_precision(precision)
     unet = unet.to(device).eval()
     if device.type == "cpu":
         unet = unet.to(memory_format=torch.channels_last)
@@ -110,3 +130,41 @@ def use_cpus_given() -> int | None:
     threads = max(1, math.floor(context.get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
     return threads
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (it answers where torch cannot use the driver), or
+    None where there is no nvidia-smi."""
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    versions = result.stdout.split()
+    return versions[0] if result.returncode == 0 and versions else None
+
+
+def check_gpu_visible(asked_by: str) -> str | None:
+    """Pre-flight of a Ray worker or actor: None where Ray assigned it no GPU; else one line naming the GPU, the
+    driver and torch's CUDA, or an AudiodiffError when torch cannot see the GPU Ray assigned (a driver too old for
+    torch's CUDA build, or a CPU-only torch), before NCCL or `.to("cuda")` fail less clearly."""
+    import ray
+
+    assigned = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not assigned:
+        return None
+    driver = nvidia_driver()
+    cuda = torch.version.cuda
+    if not torch.cuda.is_available():
+        if cuda is None:
+            raise AudiodiffError(f"{asked_by}: Ray assigned GPU {assigned}, but torch {torch.__version__} is a "
+                                 "CPU-only build; install a CUDA build of torch in the workers' environment")
+        needed = DRIVER_FOR_CUDA.get(cuda.split(".")[0])
+        raise AudiodiffError(
+            f"{asked_by}: Ray assigned GPU {assigned}, but torch {torch.__version__} (CUDA {cuda}) cannot use it: "
+            f"NVIDIA driver {driver or 'not found (no nvidia-smi)'}"
+            + (f", and CUDA {cuda} needs driver R{needed} or newer" if needed else "")
+            + "; update the node's driver or install a torch built for an older CUDA")
+    device = torch.cuda.current_device()
+    return (f"{asked_by}: GPU {assigned} is cuda:{device}, {torch.cuda.get_device_name(device)}, "
+            f"NVIDIA driver {driver or 'unknown'}, torch {torch.__version__} (CUDA {cuda})")

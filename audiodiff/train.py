@@ -13,13 +13,18 @@ Train's dataset shards, its files in an order seeded per epoch and a local shuff
 epoch, rank); a resume skips as many batches as the epoch had used. A small held-out part of the images (by a
 hash of (audio_file, slice)) is never trained on: the quality figure compares samples against it.
 
-Randomness. A micro-batch's noise and timesteps come from a generator seeded by (seed, rank, micro-batch
-index), so the random state of a run is its step count: a resumed run ends with the weights of an
-uninterrupted one.
+Randomness. A micro-batch's noise and timesteps come from a generator seeded by (seed, its slot in the run's
+global order of micro-batches), so the random state of a run is its step count: a resumed run ends with the
+weights of an uninterrupted one, also on another number of workers that keeps the global batch (per-worker
+batch x workers x accumulation), since the images and noise of each slot stay the same.
+
+DDP: gradients are bucket views and, without accumulation, the graph is static (torch 2.11's static graph
+breaks no_sync, pytorch/pytorch#143580); `--grad-compression bf16` halves the all-reduced bytes between nodes.
 
 A checkpoint holds `unet/` (live weights), `ema/` (diffusers' EMAModel.save_pretrained), `optimizer.pt`
-and `lr_schedule.pt` (loaded with weights_only) and `state.json` (step, the run's configuration, metrics).
-The exported pipeline carries the EMA weights and the scheduler class the model came with.
+and `lr_schedule.pt` (CPU tensors, loaded with weights_only onto the worker's device) and `state.json` (step,
+the run's configuration, metrics). Rank 0 writes it and Ray Train uploads it on a thread of its own while
+training goes on. The exported pipeline carries the EMA weights and the scheduler class the model came with.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
@@ -66,6 +72,9 @@ OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is h
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
                      "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
+# These may change on --resume as long as the global batch (batch_size x num_workers x grad_accum) stays.
+WORLD_CHANGES = {"num_workers", "grad_accum"}
+GRAD_COMPRESSIONS = ("none", "bf16")
 # Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
@@ -90,6 +99,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 1e-6
     grad_accum: int = 1
+    grad_compression: str = "none"  # "bf16": DDP all-reduces bf16 gradients (for DDP between nodes)
     max_grad_norm: float = 1.0
     ema_max_decay: float = 0.9999
     checkpoint_every: int = 500  # optimizer steps
@@ -120,6 +130,7 @@ class TrainConfig:
         checks.at_least(self, 0, "seed", "warmup_steps")
         checks.positive(self, "lr", "cpus_per_worker")
         checks.one_of(self, "lr_schedule", sorted(LR_SCHEDULES))
+        checks.one_of(self, "grad_compression", GRAD_COMPRESSIONS)
         if self.condition not in (None, "genre"):
             raise AudiodiffError(f"--condition must be 'genre', got '{self.condition}'")
         if not 0 <= self.label_dropout < 1:
@@ -190,6 +201,8 @@ class LatentEncoder:
     as encoding every batch would (teticio's `train_unet.py --vae`), without running the encoder again."""
 
     def __init__(self, model: str, gpu: bool):
+        devices.check_gpu_visible("finetune's latent encoder")
+        devices.set_fp32_precision("fp32")
         self.device = torch.device("cuda" if gpu else "cpu")
         self.vqvae = load_model(model).vqvae.to(self.device).eval()
 
@@ -326,8 +339,10 @@ def _streamed_batches(c: TrainConfig, plan: RunPlan, rank: int, epoch: int, firs
         raise RuntimeError(f"rank {rank}'s shard ran out after {index + 1} of {end} batches in epoch {epoch}")
 
 
-def _micro_generator(seed: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    state = np.random.SeedSequence([seed, rank, micro]).generate_state(1, np.uint64)[0]
+def _micro_generator(seed: int, slot: int, device: torch.device) -> torch.Generator:
+    """The generator of the micro-batch at `slot` of the run's global order (steps, then accumulation, then
+    ranks: the order in which InMemoryImages lays out a step's images)."""
+    state = np.random.SeedSequence([seed, slot]).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state >> 1))
 
 
@@ -344,6 +359,13 @@ class GenreConditioned(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor):
         return self.unet(sample, timesteps, encoder_hidden_states=self.vectors[labels][:, None, :])
+
+
+def ddp_options(c: TrainConfig) -> dict:
+    """DistributedDataParallel's arguments: gradients as views of the all-reduce buckets (no copy, less memory);
+    a static graph (the same parameters used every step) only without accumulation, whose no_sync torch 2.11's
+    static graph breaks (pytorch/pytorch#143580)."""
+    return {"gradient_as_bucket_view": True, "static_graph": c.grad_accum == 1}
 
 
 def _initial_vectors(parts: PipelineParts, genres: list[str], seed: int) -> torch.Tensor:
@@ -363,6 +385,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(plan.threads)
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
+    preflight = devices.check_gpu_visible(f"finetune worker {rank}")
+    if preflight:
+        log.info(preflight)
+    devices.set_fp32_precision(c.precision)
     device = ray.train.torch.get_device()
     parts = load_model(c.model, conditional=c.condition is not None)
     unet = parts.unet.to(device).train()
@@ -380,9 +406,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            step, history, ema = load_training_state(folder, unet, optimizer, lr_schedule, genre_model, ema_vectors)
+            step, history, ema = load_training_state(folder, unet, optimizer, lr_schedule, device, genre_model,
+                                                     ema_vectors)
     ema.to(device)
-    model = ray.train.torch.prepare_model(trained)
+    model = ray.train.torch.prepare_model(trained, parallel_strategy_kwargs=ddp_options(c))
+    if c.grad_compression == "bf16" and world > 1:
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     vqvae = parts.vqvae.to(device).eval() if parts.vqvae is not None else None
     samples = Sampler(c, parts, unet, ema, ema_vectors, plan, device) if rank == 0 else None
     memory = InMemoryImages(plan.blocks) if plan.in_memory else None
@@ -394,7 +423,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = (memory.batches(c, plan, rank, world, epoch, first) if plan.in_memory
                    else _streamed_batches(c, plan, rank, epoch, first))
         for micro, batch in enumerate(batches):
-            generator = _micro_generator(c.seed, rank, step * c.grad_accum + micro % c.grad_accum, device)
+            slot = (step * c.grad_accum + micro % c.grad_accum) * world + rank
+            generator = _micro_generator(c.seed, slot, device)
             if vqvae is not None:  # a latent model: latents drawn from each image's cached distribution
                 moments = torch.from_numpy(batch["latent"]).to(device, non_blocking=True)
                 clean = DiagonalGaussianDistribution(moments).sample(generator) * vqvae.config.scaling_factor
@@ -448,12 +478,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          + (f"  quality (Fréchet distance) {metrics['frechet_distance']:.2f}"
                             if "frechet_distance" in metrics else ""))
                 samples.log_scalars(metrics)
-            with tempfile.TemporaryDirectory() as folder:
-                if checkpoint_step and rank == 0:
-                    save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c, genre_model,
-                                        ema_vectors)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
-                                 if checkpoint_step and rank == 0 else None)
+            checkpoint = None
+            if checkpoint_step and rank == 0:
+                folder = tempfile.mkdtemp(prefix="audiodiff-checkpoint-")  # Ray Train deletes it once uploaded
+                save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c, genre_model,
+                                    ema_vectors)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            # the ranks wait for rank 0 to write the checkpoint, not to upload it (a thread of Ray Train's does)
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
             if step >= stop:
                 break
@@ -472,7 +505,7 @@ class Sampler:
 
         self.c, self.unet, self.ema, self.ema_vectors, self.mel = c, unet, ema, ema_vectors, parts.mel
         self.genres = plan.genres
-        self.vqvae = parts.vqvae
+        self.vqvae, self.device = parts.vqvae, device
         self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
         self.codec = MelCodec(parts.mel, device=device)
         self.reference = evaluate.embedding_statistics(evaluate.mel_embedding(ray.get(plan.holdout), parts.mel))
@@ -489,11 +522,14 @@ class Sampler:
             conditions["encoding"] = vectors[[s % len(self.genres) for s in seeds]][:, None, :]
         self.ema.store(self.unet.parameters())
         self.ema.copy_to(self.unet.parameters())
+        self.unet.eval()  # as the exported model runs (dropout off), in the run's precision
         try:
-            images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
-                                     mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA, vqvae=self.vqvae,
-                                     **conditions)
+            with devices.autocast(self.device, c.precision):
+                images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
+                                         mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA, vqvae=self.vqvae,
+                                         **conditions)
         finally:
+            self.unet.train()
             self.ema.restore(self.unet.parameters())
         audio = self.codec.images_to_audio(images).cpu().numpy()
         images = images.cpu().numpy()
@@ -532,32 +568,47 @@ def result_settings(c: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(c).items() if k not in RESUMABLE_CHANGES}
 
 
+def on_cpu(state):
+    """A state dict (nested dicts, lists and tuples) with its tensors copied to the CPU: a checkpoint then loads
+    on a CPU-only driver and onto any rank's GPU, whatever device it was made on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: on_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(value) for value in state)
+    return state
+
+
 def save_training_state(folder, unet, ema, optimizer, lr_schedule, step, history, c: TrainConfig,
                         genre_model=None, ema_vectors=None) -> None:
-    unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)  # safetensors: device-free
     if genre_model:
-        torch.save({"vectors": genre_model.vectors.detach().cpu(), "ema": ema_vectors.state_dict()},
+        torch.save(on_cpu({"vectors": genre_model.vectors, "ema": ema_vectors.state_dict()}),
                    os.path.join(folder, GENRES_STATE))
     ema.save_pretrained(os.path.join(folder, "ema"))
-    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    torch.save(on_cpu(optimizer.state_dict()), os.path.join(folder, "optimizer.pt"))
     torch.save(lr_schedule.state_dict(), os.path.join(folder, "lr_schedule.pt"))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump({ownership.WRITTEN_BY: ownership.mark("finetune"), "step": step, "config": result_settings(c),
                    "history": history}, f)
 
 
-def load_training_state(folder, unet, optimizer, lr_schedule, genre_model=None, ema_vectors=None
-                        ) -> tuple[int, list, EMAModel]:
+def load_training_state(folder, unet, optimizer, lr_schedule, device: torch.device, genre_model=None,
+                        ema_vectors=None) -> tuple[int, list, EMAModel]:
+    """The state of `folder` onto this worker's `device` (each rank its own GPU: a CUDA_VISIBLE_DEVICES shared
+    by a node's workers would put every rank's copy on cuda:0 otherwise)."""
     unet.load_state_dict(type(unet).from_pretrained(os.path.join(folder, "unet")).state_dict())
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     ema = load_ema(folder, type(unet))
     if genre_model:
-        genres = torch.load(os.path.join(folder, GENRES_STATE), weights_only=True)
+        genres = torch.load(os.path.join(folder, GENRES_STATE), map_location=device, weights_only=True)
         with torch.no_grad():
             genre_model.vectors.copy_(genres["vectors"])
         ema_vectors.load_state_dict(genres["ema"])
-    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+        ema_vectors.to(device)  # EMAModel.load_state_dict keeps the tensors where they were loaded
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=device, weights_only=True))
     lr_schedule.load_state_dict(torch.load(os.path.join(folder, "lr_schedule.pt"), weights_only=True))
     return state["step"], state["history"], ema
 
@@ -612,7 +663,8 @@ def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str, 
     with checkpoint.as_directory() as folder:
         load_ema(folder, type(parts.unet)).copy_to(parts.unet.parameters())
         if genres:
-            vectors = torch.load(os.path.join(folder, GENRES_STATE), weights_only=True)["ema"]["shadow_params"][0]
+            vectors = torch.load(os.path.join(folder, GENRES_STATE), map_location="cpu",
+                                 weights_only=True)["ema"]["shadow_params"][0]
             parts.conditioning = Conditioning(names=genres, vectors=vectors[:-1], null=vectors[-1])
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
@@ -649,8 +701,29 @@ def _check_output_ours(config: TrainConfig) -> None:
         raise ownership.refusal(config.output, "finetune", found)
 
 
-def _check_resume(config: TrainConfig) -> None:
-    """A run's checkpoints are continued only with --resume, and only with the settings they were made with."""
+def keep_global_batch(config: TrainConfig, before: dict) -> TrainConfig:
+    """On --resume with another number of workers: the config with the gradient accumulation that keeps the run's
+    global batch (per-worker batch x workers x accumulation), or an AudiodiffError naming the numbers."""
+    if config.num_workers == before["num_workers"]:
+        return config
+    images = before["batch_size"] * before["num_workers"] * before["grad_accum"]
+    per_pass = config.batch_size * config.num_workers
+    if images % per_pass:
+        passes = images // config.batch_size
+        fitting = [n for n in range(1, passes + 1) if passes % n == 0]
+        raise AudiodiffError(
+            f"{config.output}: --resume on {config.num_workers} workers cannot keep the run's global batch of {images} "
+            f"images ({before['batch_size']} per worker x {before['num_workers']} workers x {before['grad_accum']} "
+            f"accumulation) with --batch-size {config.batch_size}; use --num-workers {', '.join(map(str, fitting))}")
+    if config.grad_accum != images // per_pass:
+        print(f"finetune: resuming on {config.num_workers} workers with --grad-accum {images // per_pass}: the run's "
+              f"global batch of {images} images stays", flush=True)
+    return dataclasses.replace(config, grad_accum=images // per_pass)
+
+
+def _check_resume(config: TrainConfig) -> TrainConfig:
+    """A run's checkpoints are continued only with --resume, and only with the settings they were made with
+    (another number of workers with the accumulation that keeps the global batch: the config returned)."""
     run_folder = storage.join(config.checkpoints, RUN_NAME)
     saved = sorted(f for f in storage.list_files(run_folder) if f.endswith("state.json")) \
         if storage.exists(run_folder) else []
@@ -663,12 +736,16 @@ def _check_resume(config: TrainConfig) -> None:
         if before is None:
             raise AudiodiffError(f"{config.output}: its checkpoints were made by an older audiodiff that did not "
                                  "record the run's settings; choose another --output")
-        before, now = settings_made_with(before), result_settings(config)
-        changed = sorted(k for k in now if before.get(k) != now[k])
+        before = settings_made_with(before)
+        config = keep_global_batch(config, before)
+        now = result_settings(config)
+        same_world = config.num_workers == before["num_workers"]
+        changed = sorted(k for k in now if before.get(k) != now[k] and (same_world or k not in WORLD_CHANGES))
         if changed:
             raise AudiodiffError(f"{config.output}: --resume with settings that change the result: "
                                  + ", ".join(f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in changed)
                                  + "; resume with the run's settings or choose another --output")
+    return config
 
 
 def run_finetune(config: TrainConfig) -> dict:
@@ -681,7 +758,7 @@ def run_finetune(config: TrainConfig) -> dict:
     # Ray Train workers run in a directory of their own: local paths must be absolute
     config = dataclasses.replace(config, output=storage.absolute(config.output),
                                  model=storage.absolute(config.model) if os.path.exists(config.model) else config.model)
-    _check_resume(config)
+    config = _check_resume(config)
     parts = load_model(config.model, conditional=config.condition is not None)
     if parts.cross_attention_dim is not None and config.condition is None:
         raise AudiodiffError(f"{config.model}: a conditional model; fine-tune it with --condition genre")
