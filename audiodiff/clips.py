@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import platform
 
 import numpy as np
 import pyarrow as pa
@@ -30,13 +33,27 @@ from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, is_silent
-from audiodiff.models import check_scheduler, load_model, make_scheduler, model_identity
-from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, encode_clip, finished_clips, \
-    write_manifest_and_gallery
-from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, require_gpus, worker_errors
+from audiodiff.models import check_scheduler, load_mel_config, load_model, make_scheduler, model_identity
+from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, require_gpus, \
+    worker_errors
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+log = logging.getLogger(__name__)
+
+# Clips per batch without --batch-size, for clips one window wide (a clip n windows wide: 1/n of them).
+# On CPU: 4, the batch the clips' contract and its tests were made at. On a GPU: as many as fit in the memory
+# budget below, up to 64, past which a batch of the full model (1.3 PFLOP at DDIM-50) gains nothing in
+# occupancy (on paper: to be checked with benchmarks/bench_gpu.py).
+CPU_BATCH = 4
+MAX_GPU_BATCH = 64
+GPU_MEMORY_SHARE = 0.8  # of the accelerator memory free once the model is loaded: room for the allocator's slack
+# Live activations of a UNet's forward at its peak, in full-resolution copies of its first block's channels:
+# the down path's skip connections of that level (layers_per_block + 1), the up path's concatenated input, its
+# group norm and activation (norms run in fp32 under autocast) and the convolution's output. An estimate from
+# the architecture; benchmarks/bench_gpu.py measures memory per clip, and a batch that does not fit is halved.
+ACTIVATION_COPIES = 16
 
 
 @dataclasses.dataclass
@@ -49,9 +66,10 @@ class ClipSettings:
     steps: int | None = None
     eta: float = 0.0
     seed: int = 0
-    batch_size: int = 4
-    concurrency: int = 1
+    batch_size: int | None = None  # clips per batch; None: by a memory budget per clip width (clips_per_batch)
+    concurrency: int | None = None  # actors; None: with --gpu every GPU the cluster has or can add, else 1
     gpu: bool = False
+    gpus_per_actor: float = 1.0  # a fraction shares a GPU between actors (small models)
     precision: str = "auto"  # fp32, bf16 or fp16; auto is resolved here, on the driver (audiodiff.devices)
     target_dbfs: float = PEAK_DBFS
     shared_path: bool = False  # a local output that every node of a multi-node cluster mounts
@@ -78,12 +96,75 @@ class ClipSettings:
         """The checks that need no model and no data, made before any work starts."""
         check_scheduler(self.scheduler)
         devices.check_precision(self.precision, self.gpu)
-        if self.batch_size < 1 or self.concurrency < 1:
+        if min(self.batch_size or 1, self.concurrency or 1) < 1:
             raise AudiodiffError("--batch-size and --concurrency must be at least 1")
         if self.steps is not None and self.steps < 1:
             raise AudiodiffError(f"--steps must be at least 1, got {self.steps}")
+        if not (0 < self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer()):
+            raise AudiodiffError(f"--gpus-per-actor must be a share of one GPU (0.5, 0.25 ...) or a whole number of "
+                                 f"GPUs, got {self.gpus_per_actor:g}")
+
+    def place(self) -> None:
+        """Chooses the number of actors where --concurrency was not given, and checks that the cluster has or can
+        add their GPUs; on the current Ray, before any work starts."""
+        if self.concurrency is None:
+            self.concurrency = max(1, math.floor(cluster_capacity("GPU") / self.gpus_per_actor)) if self.gpu else 1
         if self.gpu:
-            require_gpus(self.concurrency, f"--gpu with --concurrency {self.concurrency}")
+            require_gpus(self.concurrency * self.gpus_per_actor, f"--gpu with --concurrency {self.concurrency}"
+                         + (f" and --gpus-per-actor {self.gpus_per_actor:g}" if self.gpus_per_actor != 1 else ""))
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Planned clips handed to an actor at a time: its batches of the narrowest clips (clips_per_batch)."""
+        return self.batch_size or (MAX_GPU_BATCH if self.gpu else CPU_BATCH)
+
+
+def clip_bytes(unet, vqvae, height: int, width: int, precision: str) -> int:
+    """Accelerator memory one clip `height` x `width` takes while it is denoised (ACTIVATION_COPIES), and while
+    a latent model's decoder turns it into pixels."""
+    element = 4 if precision == "fp32" else 2
+    _, latent_height, latent_width = sampling.latent_shape(unet, vqvae, height, width)
+    copies = [unet.config.block_out_channels[0] * latent_height * latent_width]
+    if vqvae is not None:
+        copies.append(vqvae.config.block_out_channels[0] * height * width)
+    return ACTIVATION_COPIES * max(copies) * element
+
+
+def clips_per_batch(config: ClipSettings, window: int, width: int, clip_memory: int, budget: int | None) -> int:
+    """Clips `width` frames wide denoised together: --batch-size where given, else on CPU CPU_BATCH windows'
+    worth, on a GPU as many as `budget` bytes hold at `clip_memory` each (clip_bytes), up to MAX_GPU_BATCH
+    windows' worth. A clip n windows wide gets 1/n of the batch of one window wide."""
+    if config.batch_size is not None:
+        return config.batch_size
+    if budget is None:
+        return max(1, CPU_BATCH * window // width)
+    return max(1, min(MAX_GPU_BATCH * window // width, budget // clip_memory))
+
+
+def cpu_threads(concurrency: int) -> int:
+    """Threads of each CPU actor: its node's cores shared by the actors Ray Data spreads over the nodes, so that a
+    lone actor uses all of them. Ray reserves only ACTOR_CPUS per actor, to leave room for the short light tasks
+    (reading, encoding and writing clips) that feed and drain it."""
+    cores = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if not cores:
+        return 1
+    return max(1, math.floor(min(cores) / -(-concurrency // len(cores))))
+
+
+def device_record(device: torch.device, precision: str) -> dict:
+    """What generation.json records of the device an actor made its clips on: its name, the precision of the
+    denoising, and whether torch let fp32 matmuls and convolutions run as TF32 (on GPUs from Ampere)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"device": name, "precision": precision, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
 def clip_seed(*keys: int) -> int:
@@ -93,13 +174,17 @@ def clip_seed(*keys: int) -> int:
 
 class ClipMaker:
     """Per actor: the model, scheduler and codec on its device; per batch: planned clips (WORK_SCHEMA) denoised
-    together where they share kind, width and strength, turned into audio together, and encoded for the
-    writer to store. `overlap`: seconds each window of a long clip keeps from the one before."""
+    together where they share kind, width and strength, in batches that fit its memory (clips_per_batch; a batch
+    that runs out of it is halved), and turned into audio together: each clip's uint8 image and float audio, for
+    the writer (ClipSink) to encode and store. `overlap`: seconds each window of a long clip keeps from the one
+    before; `threads`: torch's CPU threads (cpu_threads), else the CPUs Ray gave the actor."""
 
-    def __init__(self, config: ClipSettings, overlap: float | None = None):
+    def __init__(self, config: ClipSettings, overlap: float | None = None, threads: int | None = None):
         self.config = config
         self.device = torch.device("cuda" if config.gpu else "cpu")
         devices.use_cpus_given()
+        if threads is not None:
+            torch.set_num_threads(threads)
         parts = load_model(config.model)
         self.unet = devices.for_inference(parts.unet, self.device, config.precision)
         self.vqvae = parts.vqvae.to(self.device).eval() if parts.vqvae is not None else None
@@ -108,25 +193,64 @@ class ClipMaker:
         self.scheduler = make_scheduler(config.scheduler, parts)
         self.codec = MelCodec(parts.mel, device=self.device)
         self.overlap = parts.mel.frames_in(overlap) if overlap is not None else None
+        self.budget = None  # bytes of accelerator memory a batch may take; None on CPU
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.budget = int(GPU_MEMORY_SHARE * min(free, total * min(1.0, config.gpus_per_actor)))
+        self.batch_sizes: dict[int, int] = {}  # clips per batch by width, halved where a batch ran out of memory
+        self.made_on = json.dumps(device_record(self.device, config.precision), sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = [{**row, "starts": row["starts"] or []} for row in batch.to_pylist()]
         out = {"wav": np.array([r["wav"] for r in rows], object), "png": np.array([r["png"] for r in rows], object),
-               "wav_bytes": np.empty(len(rows), object), "png_bytes": np.empty(len(rows), object)}
+               "image": np.empty(len(rows), object), "audio": np.empty(len(rows), object),
+               "made_on": np.array([self.made_on] * len(rows), object)}
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             key = (row["kind"], row["frames"], row["strength"], len(row["starts"]), row["genre"], row["encoding"])
             groups.setdefault(key, []).append(i)
         mel = self.codec.config
         for members in groups.values():
-            with devices.autocast(self.device, self.config.precision):  # the denoising; the vocoder stays fp32
-                images = self._images([rows[i] for i in members])
+            group = [rows[i] for i in members]
+            kind, window = group[0]["kind"], mel.x_res
+            if kind not in ("interpolation", "long", "continuation") and group[0]["starts"]:
+                images = self._images(group).cpu()  # remixed slice by slice, in batches of their own
+            else:
+                width = window if kind in ("long", "continuation") else group[0]["frames"]
+                images = self._in_batches(len(group), width, lambda start, stop: self._images(group[start:stop]))
             audio = self.codec.images_to_audio(images).cpu().numpy()
-            for i, image, clip in zip(members, images.cpu().numpy(), audio):
-                clip = clip[:round(rows[i]["seconds"] * mel.sample_rate)]
-                out["wav_bytes"][i], out["png_bytes"][i] = encode_clip(image, clip, mel.sample_rate,
-                                                                       self.config.target_dbfs)
+            for i, image, clip in zip(members, images.numpy(), audio):
+                out["image"][i], out["audio"][i] = image, clip[:round(rows[i]["seconds"] * mel.sample_rate)]
         return out
+
+    def _in_batches(self, count: int, width: int, denoise) -> torch.Tensor:
+        """`denoise(start, stop)`'s images of items [start, stop) of `count`, `width` frames wide, batch by batch
+        (clips_per_batch), on the CPU. A batch that runs out of accelerator memory is halved and tried again
+        (each try draws its clips' noise afresh from their seeds), and later batches of that width stay halved."""
+        if width not in self.batch_sizes:
+            memory = clip_bytes(self.unet, self.vqvae, self.codec.config.y_res, width, self.config.precision)
+            if self.config.guidance != 1.0 and self.conditioning is not None:
+                memory *= 2  # classifier-free guidance denoises each clip twice in one batch
+            self.batch_sizes[width] = clips_per_batch(self.config, self.codec.config.x_res, width, memory, self.budget)
+        done, start = [], 0
+        while start < count:
+            stop = min(count, start + self.batch_sizes[width])
+            try:
+                with devices.autocast(self.device, self.config.precision):  # the denoising; the vocoder stays fp32
+                    done.append(denoise(start, stop).cpu())
+            except torch.OutOfMemoryError:
+                if stop - start == 1:
+                    raise AudiodiffError(f"{self.config.model}: one clip {width} frames wide does not fit in the "
+                                         f"memory of {device_record(self.device, '')['device']}; make narrower clips "
+                                         "(--extend-factor) or use a GPU with more memory") from None
+                self.batch_sizes[width] = (stop - start) // 2
+                log.warning("a batch of %d clips %d frames wide ran out of accelerator memory; trying %d at a time",
+                            stop - start, width, self.batch_sizes[width])
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return torch.cat(done)
 
     def _images(self, rows: list[dict]) -> torch.Tensor:
         """uint8 [len(rows), y_res, frames] for clips of one kind, width and strength."""
@@ -168,12 +292,17 @@ class ClipMaker:
             keep[j, mel.x_res - mel.frames_in(rows[i]["keep_end"] or 0):] = True
         outputs = inputs.clone()
         audible = (~is_silent(inputs)).nonzero().flatten()
-        for chunk in audible.split(self.config.batch_size):
+
+        def denoise(start: int, stop: int) -> torch.Tensor:
+            chunk = audible[start:stop]
             generators = [torch.Generator().manual_seed(rows[owner[j]]["seed"]) for j in chunk.tolist()]
-            outputs[chunk] = sampling.sample(
+            return sampling.sample(
                 self.unet, self.scheduler, generators, mel.y_res, mel.x_res, self.config.num_steps,
                 start=inputs[chunk], strength=rows[0]["strength"], keep=keep[chunk] if keep[chunk].any() else None,
-                **options).cpu()
+                **options)
+
+        if len(audible):
+            outputs[audible] = self._in_batches(len(audible), mel.x_res, denoise)
         return torch.stack([torch.cat(list(slices), dim=-1) for slices in outputs.split(len(rows[0]["starts"]))])
 
     def _interpolated(self, rows: list[dict], generators: list[torch.Generator], options: dict) -> torch.Tensor:
@@ -196,18 +325,29 @@ def _decode(pngs: list[bytes]) -> torch.Tensor:
 
 def check_output(config: ClipSettings) -> None:
     """The output must be one every node writes to, and clips already under it must come from the same
-    settings; the first write also proves the output is writable before any work starts."""
+    settings; the first write also proves the output is writable before any work starts. (The devices the clips
+    were made on, `made_on`, are recorded after each run and may differ between runs.)"""
     check_output_reachable(config.output, config.shared_path)
     path = storage.join(config.output, "generation.json")
     settings = {**config.settings(), "weights": model_identity(config.model)}  # the model by its files, not its name
     if storage.exists(path):
         previous = json.loads(storage.read_bytes(path))
+        previous.pop("made_on", None)
         if previous != settings:
             changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
             raise AudiodiffError(f"{config.output}: holds clips made with other settings ({', '.join(changed)} "
                                  "differ); choose another --output")
     else:
         storage.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+
+
+def record_devices(output: str, made_on: set[str]) -> None:
+    """Adds to generation.json's `made_on` the device records (device_record, as JSON) of a run's actors."""
+    path = storage.join(output, "generation.json")
+    settings = json.loads(storage.read_bytes(path))
+    known = {json.dumps(record, sort_keys=True) for record in settings.get("made_on", [])}
+    settings["made_on"] = [json.loads(record) for record in sorted(known | made_on)]
+    storage.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
 def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, title: str,
@@ -220,12 +360,15 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     if todo:
         if done:
             work = work.filter(expr=col("clip_id").not_in(sorted(done)), num_cpus=LIGHT_CPUS)
+        threads = None if config.gpu else cpu_threads(config.concurrency)
+        sink = ClipSink(output, load_mel_config(config.model).sample_rate, config.target_dbfs)
         with worker_errors():
             work.map_batches(
-                ClipMaker, fn_constructor_args=(config, overlap), batch_size=config.batch_size,
+                ClipMaker, fn_constructor_args=(config, overlap, threads), batch_size=config.rows_per_batch,
                 batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-                num_gpus=1 if config.gpu else 0, num_cpus=1 if config.gpu else ACTOR_CPUS,
-            ).write_datasink(ClipSink(output), ray_remote_args={"num_cpus": LIGHT_CPUS})
+                num_gpus=config.gpus_per_actor if config.gpu else 0, num_cpus=1 if config.gpu else ACTOR_CPUS,
+            ).write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
+        record_devices(config.output, sink.made_on)
     finished = finished_clips(config.output)
     missing = [row["clip_id"] for row in plan if row["clip_id"] not in finished]
     if missing:
@@ -239,8 +382,8 @@ def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
     mostly hold clips of one width; in blocks of whole batches, a few per actor, so that every actor gets work
     (one block would go to one actor) without a Ray task per batch."""
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["frames"]), schema=WORK_SCHEMA)
-    batches = -(-table.num_rows // config.batch_size)
-    size = config.batch_size * max(1, -(-batches // (4 * config.concurrency)))
+    batches = -(-table.num_rows // config.rows_per_batch)
+    size = config.rows_per_batch * max(1, -(-batches // (4 * config.concurrency)))
     return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)] or [table])
 
 

@@ -81,6 +81,7 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
 def run_generate(config: GenerateConfig) -> dict:
     """Run the whole stage on the current Ray; returns counts for the summary line."""
     config.check()
+    config.place()
     if config.num_clips < 0 or config.num_extended < 0 or config.num_clips + config.num_extended == 0:
         raise AudiodiffError("nothing to generate: give --num-clips and/or --num-extended of at least 1")
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts

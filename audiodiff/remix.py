@@ -207,6 +207,7 @@ def _only_track(uri: str, tracks: list[dict]) -> dict:
 def _start(config: ClipSettings) -> PipelineParts:
     """The checks that need no data, and the model (one that cannot be loaded stops the run here)."""
     config.check()
+    config.place()
     if not config.sources:
         raise AudiodiffError("give at least one SOURCE")
     parts = load_model(config.model)

@@ -100,11 +100,11 @@ def smallest_object_store() -> float:
                 and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0), default=0)
 
 
-def require_gpus(needed: int, asked_by: str) -> None:
+def require_gpus(needed: float, asked_by: str) -> None:
     """Stops a job that asks for more GPUs than the cluster has or can scale to, before any work starts."""
     have = cluster_capacity("GPU")
     if have < needed:
-        raise AudiodiffError(f"{asked_by} needs {needed} GPUs; the Ray cluster has {have:g}, autoscaling included")
+        raise AudiodiffError(f"{asked_by} needs {needed:g} GPUs; the Ray cluster has {have:g}, autoscaling included")
 
 
 @contextlib.contextmanager

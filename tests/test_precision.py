@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from audiodiff import devices, models, sampling, train
 from audiodiff.cli import build_parser
 from audiodiff.clips import WORK_SCHEMA, ClipMaker
-from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.generate import GenerateConfig, plan_clips
 from audiodiff.mel import MelCodec
@@ -62,9 +61,8 @@ def clips(model: str, precision: str, batch_size: int = 4, count: int = 4) -> li
                             batch_size=batch_size, precision=precision)
     plan = [{**row, "starts": []} for row in plan_clips(config, models.load_model(model))]
     maker = ClipMaker(config)
-    made = [png for i in range(0, len(plan), batch_size)
-            for png in maker(pa.Table.from_pylist(plan[i:i + batch_size], schema=WORK_SCHEMA))["png_bytes"]]
-    return [png_image(png).astype(int) for png in made]
+    return [image.astype(int) for i in range(0, len(plan), batch_size)
+            for image in maker(pa.Table.from_pylist(plan[i:i + batch_size], schema=WORK_SCHEMA))["image"]]
 
 
 def test_bf16_clips_stay_within_a_grey_level_of_fp32_and_across_batch_sizes(fitted_model):
