@@ -37,6 +37,7 @@ from audiodiff.models import check_scheduler, load_mel_config, load_model, make_
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, require_gpus, \
     worker_errors
+from audiodiff.unets import clip_bytes
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
@@ -44,16 +45,11 @@ log = logging.getLogger(__name__)
 
 # Clips per batch without --batch-size, for clips one window wide (a clip n windows wide: 1/n of them).
 # On CPU: 4, the batch the clips' contract and its tests were made at. On a GPU: as many as fit in the memory
-# budget below, up to 64, past which a batch of the full model (1.3 PFLOP at DDIM-50) gains nothing in
-# occupancy (on paper: to be checked with benchmarks/bench_gpu.py).
+# budget (GPU_MEMORY_SHARE, unets.clip_bytes), up to 64: a step of 64 full-model clips is 32 TFLOP (counted),
+# enough work to fill a GPU (on paper: benchmarks/bench_gpu.py measures the forward per batch size).
 CPU_BATCH = 4
 MAX_GPU_BATCH = 64
 GPU_MEMORY_SHARE = 0.8  # of the accelerator memory free once the model is loaded: room for the allocator's slack
-# Live activations of a UNet's forward at its peak, in full-resolution copies of its first block's channels:
-# the down path's skip connections of that level (layers_per_block + 1), the up path's concatenated input, its
-# group norm and activation (norms run in fp32 under autocast) and the convolution's output. An estimate from
-# the architecture; benchmarks/bench_gpu.py measures memory per clip, and a batch that does not fit is halved.
-ACTIVATION_COPIES = 16
 
 
 @dataclasses.dataclass
@@ -117,17 +113,6 @@ class ClipSettings:
     def rows_per_batch(self) -> int:
         """Planned clips handed to an actor at a time: its batches of the narrowest clips (clips_per_batch)."""
         return self.batch_size or (MAX_GPU_BATCH if self.gpu else CPU_BATCH)
-
-
-def clip_bytes(unet, vqvae, height: int, width: int, precision: str) -> int:
-    """Accelerator memory one clip `height` x `width` takes while it is denoised (ACTIVATION_COPIES), and while
-    a latent model's decoder turns it into pixels."""
-    element = 4 if precision == "fp32" else 2
-    _, latent_height, latent_width = sampling.latent_shape(unet, vqvae, height, width)
-    copies = [unet.config.block_out_channels[0] * latent_height * latent_width]
-    if vqvae is not None:
-        copies.append(vqvae.config.block_out_channels[0] * height * width)
-    return ACTIVATION_COPIES * max(copies) * element
 
 
 def clips_per_batch(config: ClipSettings, window: int, width: int, clip_memory: int, budget: int | None) -> int:
