@@ -136,19 +136,21 @@ def cpu_threads(concurrency: int) -> int:
     return max(1, math.floor(min(cores) / -(-concurrency // len(cores))))
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (Linux; elsewhere what the platform reports)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def device_record(device: torch.device, precision: str) -> dict:
     """What generation.json records of the device an actor made its clips on: its name, the precision of the
     denoising, and whether torch let fp32 matmuls and convolutions run as TF32 (on GPUs from Ampere)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return {"device": name, "precision": precision, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    return {"device": device_name(device), "precision": precision, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
@@ -226,7 +228,7 @@ class ClipMaker:
             except torch.OutOfMemoryError:
                 if stop - start == 1:
                     raise AudiodiffError(f"{self.config.model}: one clip {width} frames wide does not fit in the "
-                                         f"memory of {device_record(self.device, '')['device']}; make narrower clips "
+                                         f"memory of {device_name(self.device)}; make narrower clips "
                                          "(--extend-factor) or use a GPU with more memory") from None
                 self.batch_sizes[width] = (stop - start) // 2
                 log.warning("a batch of %d clips %d frames wide ran out of accelerator memory; trying %d at a time",
