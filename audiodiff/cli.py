@@ -116,9 +116,13 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
     sampler.add_argument("--eta", type=float, help="DDIM eta (0: deterministic sampling)")
     sampler.add_argument("--seed", type=int, help="clip seeds derive from this and what tells the clips apart")
-    sampler.add_argument("--batch-size", type=int, help="clips (or slices) denoised together")
-    sampler.add_argument("--concurrency", type=int, help="actors (one GPU each with --gpu)")
-    sampler.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    sampler.add_argument("--batch-size", type=int,
+                         help="clips (or slices) denoised together (default: by clip width, 4 standard clips on "
+                              "CPU, on a GPU as many as its free memory holds, up to 64)")
+    sampler.add_argument("--concurrency", type=int,
+                         help="actors (default: with --gpu, every GPU the cluster has or can add, else 1)")
+    sampler.add_argument("--gpu", action="store_true", help="actors on GPUs (--gpus-per-actor each)")
+    sampler.add_argument("--gpus-per-actor", type=float, help="with --gpu: 1, a share such as 0.5, or more (default: 1)")
     sampler.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                          help="of the denoising (default: auto, bf16 on GPUs and on CPUs with native bf16, else "
                               "fp32; interpolate: fp32)")

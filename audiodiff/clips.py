@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import platform
 import typing
 
 import numpy as np
@@ -31,13 +34,23 @@ from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, is_silent
-from audiodiff.models import check_scheduler, load_model, make_scheduler, model_identity
-from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, encode_clip, finished_clips, \
-    write_manifest_and_gallery
-from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, require_gpus, worker_errors
+from audiodiff.models import check_scheduler, load_mel_config, load_model, make_scheduler, model_identity
+from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
+from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \
+    worker_errors
+from audiodiff.unets import clip_bytes
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+log = logging.getLogger(__name__)
+
+# Clips per batch without --batch-size, for clips one window wide (a clip n windows wide: 1/n of them).
+# On CPU: 4, the batch the clips' contract and its tests were made at. On a GPU: as many as fit in the memory
+# budget (GPU_MEMORY_SHARE, unets.clip_bytes), up to 64: a step of 64 full-model clips is 32 TFLOP (counted),
+# enough work to fill a GPU (on paper: benchmarks/bench_gpu.py measures the forward per batch size).
+CPU_BATCH = 4
+MAX_GPU_BATCH = 64
+GPU_MEMORY_SHARE = 0.8  # of the accelerator memory free once the model is loaded: room for the allocator's slack
 
 
 @dataclasses.dataclass
@@ -51,9 +64,10 @@ class ClipSettings:
     steps: int | None = None
     eta: float = 0.0
     seed: int = 0
-    batch_size: int = 4
-    concurrency: int = 1
+    batch_size: int | None = None  # clips per batch; None: by a memory budget per clip width (clips_per_batch)
+    concurrency: int | None = None  # actors; None: with --gpu every GPU the cluster has or can add, else 1
     gpu: bool = False
+    gpus_per_actor: float = 1.0  # a fraction shares a GPU between actors (small models)
     precision: str = "auto"  # fp32, bf16 or fp16; auto is resolved here, on the driver (audiodiff.devices)
     target_dbfs: float = PEAK_DBFS
     shared_path: bool = False  # a local output that every node of a multi-node cluster mounts
@@ -71,6 +85,9 @@ class ClipSettings:
         checks.at_least(self, 0, "guidance")
         if self.genres and self.encodings:
             raise AudiodiffError("give --genre or --encodings, not both")
+        if not (0 < self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer()):
+            raise AudiodiffError(f"--gpus-per-actor must be a share of one GPU (0.5, 0.25 ...) or a whole number of "
+                                 f"GPUs, got {self.gpus_per_actor:g}")
 
     @property
     def num_steps(self) -> int:
@@ -84,10 +101,58 @@ class ClipSettings:
         return {"model": self.model, "scheduler": self.scheduler, "steps": self.num_steps, "eta": self.eta,
                 "seed": self.seed, "target_dbfs": self.target_dbfs, "precision": self.precision, **conditions}
 
-    def check_cluster(self) -> None:
-        """The checks that need the cluster, made on it before any work starts."""
+    def place(self) -> None:
+        """Chooses the number of actors where --concurrency was not given, and checks that the cluster has or can
+        add their GPUs; on the current Ray, before any work starts."""
+        if self.concurrency is None:
+            self.concurrency = max(1, math.floor(cluster_capacity("GPU") / self.gpus_per_actor)) if self.gpu else 1
         if self.gpu:
-            require_gpus(self.concurrency, f"--gpu with --concurrency {self.concurrency}")
+            require_gpus(self.concurrency * self.gpus_per_actor, f"--gpu with --concurrency {self.concurrency}"
+                         + (f" and --gpus-per-actor {self.gpus_per_actor:g}" if self.gpus_per_actor != 1 else ""))
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Planned clips handed to an actor at a time: its batches of the narrowest clips (clips_per_batch)."""
+        return self.batch_size or (MAX_GPU_BATCH if self.gpu else CPU_BATCH)
+
+
+def clips_per_batch(config: ClipSettings, window: int, width: int, clip_memory: int, budget: int | None) -> int:
+    """Clips `width` frames wide denoised together: --batch-size where given, else on CPU CPU_BATCH windows'
+    worth, on a GPU as many as `budget` bytes hold at `clip_memory` each (clip_bytes), up to MAX_GPU_BATCH
+    windows' worth. A clip n windows wide gets 1/n of the batch of one window wide."""
+    if config.batch_size is not None:
+        return config.batch_size
+    if budget is None:
+        return max(1, CPU_BATCH * window // width)
+    return max(1, min(MAX_GPU_BATCH * window // width, budget // clip_memory))
+
+
+def cpu_threads(concurrency: int) -> int:
+    """Threads of each CPU actor: its node's cores shared by the actors Ray Data spreads over the nodes, so that a
+    lone actor uses all of them. Ray reserves only ACTOR_CPUS per actor, to leave room for the short light tasks
+    (reading, encoding and writing clips) that feed and drain it."""
+    cores = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if not cores:
+        return 1
+    return max(1, math.floor(min(cores) / -(-concurrency // len(cores))))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (Linux; elsewhere what the platform reports)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_record(device: torch.device, precision: str) -> dict:
+    """What generation.json records of the device an actor made its clips on: its name, the precision of the
+    denoising, and whether torch let fp32 matmuls and convolutions run as TF32 (on GPUs from Ampere)."""
+    return {"device": device_name(device), "precision": precision, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
 def clip_seed(*keys: int) -> int:
@@ -97,14 +162,19 @@ def clip_seed(*keys: int) -> int:
 
 class ClipMaker:
     """Per actor: the model, scheduler and codec on its device; per batch: planned clips (WORK_SCHEMA) denoised
-    together where they share kind, width and strength, turned into audio together, and encoded for the
-    writer to store. `overlap`: seconds each window of a long clip keeps from the one before."""
+    together where they share kind, width and strength, in batches that fit its memory (clips_per_batch; a batch
+    that runs out of it is halved), and turned into audio together: each clip's uint8 image and float audio, for
+    the writer (ClipSink) to encode and store. `overlap`: seconds each window of a long clip keeps from the one
+    before; `threads`: torch's CPU threads (cpu_threads), else the CPUs Ray gave the actor."""
 
-    def __init__(self, config: ClipSettings, overlap: float | None = None, counter=None):
+    def __init__(self, config: ClipSettings, overlap: float | None = None, threads: int | None = None,
+                 counter=None):
         self.config = config
         self.counter = counter  # audiodiff.progress
         self.device = torch.device("cuda" if config.gpu else "cpu")
         devices.use_cpus_given()
+        if threads is not None:
+            torch.set_num_threads(threads)
         parts = load_model(config.model)
         self.unet = devices.for_inference(parts.unet, self.device, config.precision)
         self.vqvae = parts.vqvae.to(self.device).eval() if parts.vqvae is not None else None
@@ -113,26 +183,65 @@ class ClipMaker:
         self.scheduler = make_scheduler(config.scheduler, parts)
         self.codec = MelCodec(parts.mel, device=self.device)
         self.overlap = parts.mel.frames_in(overlap) if overlap is not None else None
+        self.budget = None  # bytes of accelerator memory a batch may take; None on CPU
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.budget = int(GPU_MEMORY_SHARE * min(free, total * min(1.0, config.gpus_per_actor)))
+        self.batch_sizes: dict[int, int] = {}  # clips per batch by width, halved where a batch ran out of memory
+        self.made_on = json.dumps(device_record(self.device, config.precision), sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = [{**row, "starts": row["starts"] or []} for row in batch.to_pylist()]
         out = {"wav": np.array([r["wav"] for r in rows], object), "png": np.array([r["png"] for r in rows], object),
-               "wav_bytes": np.empty(len(rows), object), "png_bytes": np.empty(len(rows), object)}
+               "image": np.empty(len(rows), object), "audio": np.empty(len(rows), object),
+               "made_on": np.array([self.made_on] * len(rows), object)}
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             key = (row["kind"], row["frames"], row["strength"], len(row["starts"]), row["genre"], row["encoding"])
             groups.setdefault(key, []).append(i)
         mel = self.codec.config
         for members in groups.values():
-            with devices.autocast(self.device, self.config.precision):  # the denoising; the vocoder stays fp32
-                images = self._images([rows[i] for i in members])
+            group = [rows[i] for i in members]
+            kind, window = group[0]["kind"], mel.x_res
+            if kind not in ("interpolation", "long", "continuation") and group[0]["starts"]:
+                images = self._images(group).cpu()  # remixed slice by slice, in batches of their own
+            else:
+                width = window if kind in ("long", "continuation") else group[0]["frames"]
+                images = self._in_batches(len(group), width, lambda start, stop: self._images(group[start:stop]))
             audio = self.codec.images_to_audio(images).cpu().numpy()
-            for i, image, clip in zip(members, images.cpu().numpy(), audio):
-                clip = clip[:round(rows[i]["seconds"] * mel.sample_rate)]
-                out["wav_bytes"][i], out["png_bytes"][i] = encode_clip(image, clip, mel.sample_rate,
-                                                                       self.config.target_dbfs)
+            for i, image, clip in zip(members, images.numpy(), audio):
+                out["image"][i], out["audio"][i] = image, clip[:round(rows[i]["seconds"] * mel.sample_rate)]
         progress.count(self.counter, len(rows))
         return out
+
+    def _in_batches(self, count: int, width: int, denoise) -> torch.Tensor:
+        """`denoise(start, stop)`'s images of items [start, stop) of `count`, `width` frames wide, batch by batch
+        (clips_per_batch), on the CPU. A batch that runs out of accelerator memory is halved and tried again
+        (each try draws its clips' noise afresh from their seeds), and later batches of that width stay halved."""
+        if width not in self.batch_sizes:
+            memory = clip_bytes(self.unet, self.vqvae, self.codec.config.y_res, width, self.config.precision)
+            if self.config.guidance != 1.0 and self.conditioning is not None:
+                memory *= 2  # classifier-free guidance denoises each clip twice in one batch
+            self.batch_sizes[width] = clips_per_batch(self.config, self.codec.config.x_res, width, memory, self.budget)
+        done, start = [], 0
+        while start < count:
+            stop = min(count, start + self.batch_sizes[width])
+            try:
+                with devices.autocast(self.device, self.config.precision):  # the denoising; the vocoder stays fp32
+                    done.append(denoise(start, stop).cpu())
+            except torch.OutOfMemoryError:
+                if stop - start == 1:
+                    raise AudiodiffError(f"{self.config.model}: one clip {width} frames wide does not fit in the "
+                                         f"memory of {device_name(self.device)}; make narrower clips "
+                                         "(--extend-factor) or use a GPU with more memory") from None
+                self.batch_sizes[width] = (stop - start) // 2
+                log.warning("a batch of %d clips %d frames wide ran out of accelerator memory; trying %d at a time",
+                            stop - start, width, self.batch_sizes[width])
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return torch.cat(done)
 
     def _images(self, rows: list[dict]) -> torch.Tensor:
         """uint8 [len(rows), y_res, frames] for clips of one kind, width and strength."""
@@ -174,12 +283,17 @@ class ClipMaker:
             keep[j, mel.x_res - mel.frames_in(rows[i]["keep_end"] or 0):] = True
         outputs = inputs.clone()
         audible = (~is_silent(inputs)).nonzero().flatten()
-        for chunk in audible.split(self.config.batch_size):
+
+        def denoise(start: int, stop: int) -> torch.Tensor:
+            chunk = audible[start:stop]
             generators = [torch.Generator().manual_seed(rows[owner[j]]["seed"]) for j in chunk.tolist()]
-            outputs[chunk] = sampling.sample(
+            return sampling.sample(
                 self.unet, self.scheduler, generators, mel.y_res, mel.x_res, self.config.num_steps,
                 start=inputs[chunk], strength=rows[0]["strength"], keep=keep[chunk] if keep[chunk].any() else None,
-                **options).cpu()
+                **options)
+
+        if len(audible):
+            outputs[audible] = self._in_batches(len(audible), mel.x_res, denoise)
         return torch.stack([torch.cat(list(slices), dim=-1) for slices in outputs.split(len(rows[0]["starts"]))])
 
     def _interpolated(self, rows: list[dict], generators: list[torch.Generator], options: dict) -> torch.Tensor:
@@ -225,12 +339,22 @@ def check_output(config: ClipSettings, command: str) -> None:
     settings = {ownership.WRITTEN_BY: ownership.mark(command), **config.settings(),
                 "weights": model_identity(config.model)}
     if previous is not None:
+        previous.pop("made_on", None)  # the devices of earlier runs (record_devices) may differ
         if previous != settings:
             changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
             raise AudiodiffError(f"{config.output}: holds clips made with other settings ({', '.join(changed)} "
                                  "differ); choose another --output")
     else:
         storage.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+
+
+def record_devices(output: str, made_on: set[str]) -> None:
+    """Adds to generation.json's `made_on` the device records (device_record, as JSON) of a run's actors."""
+    path = storage.join(output, "generation.json")
+    settings = json.loads(storage.read_bytes(path))
+    known = {json.dumps(record, sort_keys=True) for record in settings.get("made_on", [])}
+    settings["made_on"] = [json.loads(record) for record in sorted(known | made_on)]
+    storage.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
 def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, title: str,
@@ -243,12 +367,16 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     if todo:
         if done:
             work = work.filter(expr=col("clip_id").not_in(sorted(done)), num_cpus=LIGHT_CPUS)
+        threads = None if config.gpu else cpu_threads(config.concurrency)
+        sink = ClipSink(output, load_mel_config(config.model).sample_rate, config.target_dbfs)
         with worker_errors(), progress.Progress(config.command, len(todo), "clips", workers=True) as made:
             work.map_batches(
-                ClipMaker, fn_constructor_args=(config, overlap, made.counter), batch_size=config.batch_size,
+                ClipMaker, fn_constructor_args=(config, overlap, threads, made.counter),
+                batch_size=config.rows_per_batch,
                 batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-                num_gpus=1 if config.gpu else 0, num_cpus=1 if config.gpu else ACTOR_CPUS,
-            ).write_datasink(ClipSink(output), ray_remote_args={"num_cpus": LIGHT_CPUS})
+                num_gpus=config.gpus_per_actor if config.gpu else 0, num_cpus=1 if config.gpu else ACTOR_CPUS,
+            ).write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
+        record_devices(config.output, sink.made_on)
     finished = finished_clips(config.output)
     missing = [row["clip_id"] for row in plan if row["clip_id"] not in finished]
     if missing:
@@ -262,8 +390,8 @@ def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
     mostly hold clips of one width; in blocks of whole batches, a few per actor, so that every actor gets work
     (one block would go to one actor) without a Ray task per batch."""
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["frames"]), schema=WORK_SCHEMA)
-    batches = -(-table.num_rows // config.batch_size)
-    size = config.batch_size * max(1, -(-batches // (4 * config.concurrency)))
+    batches = -(-table.num_rows // config.rows_per_batch)
+    size = config.rows_per_batch * max(1, -(-batches // (4 * config.concurrency)))
     return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)] or [table])
 
 

@@ -6,8 +6,9 @@ window after window, each outpainted from the last `overlap` seconds of the one 
 
 A clip depends only on (model, its seed, kind, scheduler, steps, eta, what it is conditioned on): its starting noise and every noise
 draw of the sampler come from its own generator (audiodiff.sampling). Batched float kernels round
-differently at different batch sizes, so across batch sizes a clip agrees up to that rounding (at most one
-grey level on a small fraction of pixels), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
+differently at different batch sizes and CPU thread counts (a lone CPU actor uses all its node's cores, several
+share them: clips.cpu_threads), so across them a clip agrees up to that rounding (in fp32 at most one grey level
+on a small fraction of pixels; bf16's tolerance in audiodiff/devices.py), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
 
 def run_generate(config: GenerateConfig) -> dict:
     """Run the whole stage on the current Ray; returns counts for the summary line."""
-    config.check_cluster()
+    config.place()
     parts = load_model(config.model)  # a model that cannot be loaded stops here, before any worker starts
     if config.seconds is not None and config.overlap is None:
         config = dataclasses.replace(config, overlap=default_overlap(parts.mel))

@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
+from audiodiff.unets import full_unet, tiny_unet
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # by the names the commands take
 _SCHEDULER_CLASSES = {cls.__name__: cls for cls in SCHEDULERS.values()}
@@ -115,44 +116,10 @@ class PipelineParts:
         return self.unet.config.cross_attention_dim if isinstance(self.unet, UNet2DConditionModel) else None
 
 
-def _unet(cross_attention_dim: int | None, heads: int | None = None, **config) -> UNet2DModel | UNet2DConditionModel:
-    """A UNet2DModel; or, given `cross_attention_dim`, a UNet2DConditionModel of the same shape whose attention
-    blocks also attend to an encoding (with `heads` heads: this class reads attention_head_dim as a count)."""
-    if cross_attention_dim is None:
-        return UNet2DModel(**config)
-    crossed = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D"}
-    config.pop("attention_head_dim", None)
-    for blocks in ("down_block_types", "up_block_types"):
-        config[blocks] = tuple(crossed.get(block, block) for block in config[blocks])
-    return UNet2DConditionModel(cross_attention_dim=cross_attention_dim, **({"attention_head_dim": heads} if heads else {}),
-                                **config)
-
-
-def _full_unet(cross_attention_dim: int | None = None) -> UNet2DModel | UNet2DConditionModel:
-    """teticio's audio-diffusion-256 architecture (113.7 M parameters)."""
-    return _unet(
-        cross_attention_dim, sample_size=256, in_channels=1, out_channels=1, layers_per_block=2,
-        block_out_channels=(128, 128, 256, 256, 512, 512),
-        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    )
-
-
-def _tiny_unet(cross_attention_dim: int | None = None) -> UNet2DModel | UNet2DConditionModel:
-    """1.2 M parameters on 64x64 images; 32-channel attention heads (diffusers' default 8-channel heads
-    make CPU attention 3x slower). A batch-4 training step takes about 0.2 s on 2 CPU cores."""
-    return _unet(
-        cross_attention_dim, heads=2, sample_size=64, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=32,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    )
-
-
 # preset: (UNet builder, mel config, size of the genre vectors of its conditional variant)
 PRESETS = {
-    "full": (_full_unet, MelConfig(), 128),
-    "tiny": (_tiny_unet, MelConfig(x_res=64, y_res=64), 32),
+    "full": (full_unet, MelConfig(), 128),
+    "tiny": (tiny_unet, MelConfig(x_res=64, y_res=64), 32),
 }
 
 

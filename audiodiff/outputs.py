@@ -11,6 +11,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from audiodiff import ownership, storage
@@ -62,19 +63,26 @@ def write_clip(output: str, wav: str, png: str, wav_data: bytes, png_data: bytes
 
 
 class ClipSink(Datasink):
-    """Writes the clips an accelerator actor returned (`wav`, `png` paths and `wav_bytes`, `png_bytes`), on
-    CPU tasks of their own, so the actor goes on computing while files are written."""
+    """Encodes and writes the clips an accelerator actor returned (`wav`, `png` paths, `audio` float samples,
+    `image` uint8 spectrogram, `made_on` the actor's device record), on CPU tasks of their own, so the actor
+    goes on computing while clips are encoded and written. After the run, `made_on` holds the device records
+    of every actor that made a clip."""
 
-    def __init__(self, output: str):
-        self.output = output
+    def __init__(self, output: str, sample_rate: int, target_dbfs: float):
+        self.output, self.sample_rate, self.target_dbfs = output, sample_rate, target_dbfs
+        self.made_on: set[str] = set()
 
-    def write(self, blocks, ctx) -> int:
-        written = 0
+    def write(self, blocks, ctx) -> set[str]:
+        made_on = set()
         for block in blocks:
-            for row in block.to_pylist():
-                write_clip(self.output, row["wav"], row["png"], row["wav_bytes"], row["png_bytes"])
-                written += 1
-        return written
+            for row in BlockAccessor.for_block(block).iter_rows(public_row_format=True):
+                wav_data, png_data = encode_clip(row["image"], row["audio"], self.sample_rate, self.target_dbfs)
+                write_clip(self.output, row["wav"], row["png"], wav_data, png_data)
+                made_on.add(row["made_on"])
+        return made_on
+
+    def on_write_complete(self, write_result) -> None:  # on the driver
+        self.made_on = set().union(*write_result.write_returns)
 
 
 def finished_clips(output: str) -> set[str]:

@@ -226,7 +226,7 @@ def _only_track(uri: str, tracks: list[dict]) -> dict:
 
 def _start(config: ClipSettings) -> PipelineParts:
     """The checks that need the cluster or the model, and the model (one that cannot be loaded stops the run here)."""
-    config.check_cluster()
+    config.place()
     ownership.check_apart(config.sources, config.output)
     parts = load_model(config.model)
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)

@@ -167,11 +167,11 @@ def _group_total(resource: str, keep=lambda node: True) -> float:
     return sum(r.get(resource, 0) * count for r, count in _node_groups() if keep(r))
 
 
-def require_gpus(needed: int, asked_by: str) -> None:
+def require_gpus(needed: float, asked_by: str) -> None:
     """Stops a job that asks for more GPUs than the cluster has or can scale to, before any work starts."""
     have = cluster_capacity("GPU")
     if have < needed:
-        raise AudiodiffError(f"{asked_by} needs {needed} GPUs; the Ray cluster has {have:g}, autoscaling included")
+        raise AudiodiffError(f"{asked_by} needs {needed:g} GPUs; the Ray cluster has {have:g}, autoscaling included")
 
 
 @contextlib.contextmanager
