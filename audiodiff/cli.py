@@ -212,7 +212,8 @@ def _run_demo(args) -> None:
 
 def _evaluate_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
-        "evaluate", parents=[common], help="Fréchet distance of generated clips against reference audio (Ray Data)",
+        "evaluate", parents=[common],
+        help="Fréchet and kernel distance of generated clips against reference audio, with floors (Ray Data)",
         epilog="example:\n  audiodiff evaluate --clips out/clips --reference out/spectrograms --output out/quality.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", required=True, help="generate output, or a folder or URI of audio files")
@@ -224,6 +225,9 @@ def _evaluate_parser(subparsers, common) -> None:
     p.add_argument("--by-genre", action="store_true",
                    help="also each genre's clips against each genre's reference (genres from the manifest, the "
                         "dataset, or the audio files' folders)")
+    p.add_argument("--clips-model", help="the model that made plain audio --clips (its codec sets a floor)")
+    p.add_argument("--no-floors", action="store_true",
+                   help="skip the floors (the reference's halves; the reference through the clips' codec)")
 
 
 def _run_evaluate(args) -> None:
