@@ -86,15 +86,16 @@ def evaluations(model: str, scheduler: str, steps: int, guidance: float) -> int:
 
 def clips_and_score(work: str, model: str, name: str, scheduler: str, steps: int, args, genres: list[str] | None,
                     reference: str) -> dict:
-    """`--clips` clips (per genre) of one sampler and step count, and their figures against `reference`;
-    cached in the clips' folder."""
+    """`--clips` clips per genre (of an unconditional model, as many in all) of one sampler and step count, and
+    their figures against `reference`; cached in the clips' folder."""
     output = os.path.join(work, "clips", f"{name}-{scheduler}-{steps}")
     scored = os.path.join(output, "quality.json")
     if os.path.exists(scored):
         with open(scored) as f:
             return json.load(f)
     started = time.perf_counter()
-    run_generate(GenerateConfig(model=model, output=output, num_clips=args.clips, scheduler=scheduler, steps=steps,
+    num_clips = args.clips if genres else args.clips * len(os.listdir(os.path.join(work, "tracks", "train")))
+    run_generate(GenerateConfig(model=model, output=output, num_clips=num_clips, scheduler=scheduler, steps=steps,
                                 eta=args.eta if scheduler == "ddim" else 0.0, batch_size=args.batch_size,
                                 genres=genres or [], guidance=args.guidance if genres else 1.0))
     seconds = time.perf_counter() - started
@@ -190,7 +191,7 @@ def main() -> None:
     train_data, held_out = preprocess(args.work, "train", args.preset), preprocess(args.work, "held-out", args.preset)
 
     untrained = clips_and_score(args.work, args.preset, "untrained", "ddim", 50, args, None, held_out)
-    print(f"untrained {args.preset} (DDIM 50): Fréchet {untrained['frechet_distance']:.1f}, "
+    print(f"untrained {args.preset} (DDIM 50, eta {args.eta}): Fréchet {untrained['frechet_distance']:.1f}, "
           f"kernel {untrained['kernel_distance']:.4f}")
 
     model = os.path.join(args.work, "model")
