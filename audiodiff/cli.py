@@ -224,7 +224,8 @@ def _run_demo(args) -> None:
 
 def _evaluate_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
-        "evaluate", parents=[common], help="Fréchet distance of generated clips against reference audio (Ray Data)",
+        "evaluate", parents=[common],
+        help="Fréchet and kernel distance of generated clips against reference audio, with floors (Ray Data)",
         epilog="example:\n  audiodiff evaluate --clips out/clips --reference out/spectrograms --output out/quality.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", required=True, help="generate output, or a folder or URI of audio files")
@@ -241,6 +242,9 @@ def _evaluate_parser(subparsers, common) -> None:
                         "dataset, or the audio files' folders)")
     p.add_argument("--max-seconds", type=float,
                    help="longer audio files are rejected, not cut, and listed in `rejected` (default: 30 minutes)")
+    p.add_argument("--clips-model", help="the model that made plain audio --clips (its codec sets a floor)")
+    p.add_argument("--no-floors", action="store_true",
+                   help="skip the floors (the reference's halves; the reference through the clips' codec)")
 
 
 def _run_evaluate(args) -> None:

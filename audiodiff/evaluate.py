@@ -1,10 +1,19 @@
-"""A quality figure for generated audio: the Fréchet distance between embeddings of clips and of a reference.
+"""Quality figures for generated audio, on Ray Data: the Fréchet and the kernel distance between embeddings of
+clips and of a reference, and the floors that make them readable.
 
 Like FID and FAD: embed many short stretches of each set, fit a Gaussian to each set's vectors, and measure
-the Fréchet distance between the two Gaussians (0 for identical statistics; larger is worse). The pure functions
-(`mel_embedding`, `embedding_statistics`, `frechet_distance`) need no Ray and no I/O, so the fine-tune loop can
-score its EMA samples against held-out training images; `run_evaluate` does the same for whole collections
-on Ray Data.
+the Fréchet distance between the two Gaussians (0 for identical statistics; larger is worse); beside it the
+kernel distance of the same vectors (unbiased MMD^2, as the Kernel Audio Distance: about 0 for two draws of
+one distribution, usable with few clips). The pure functions are in `audiodiff.metrics`, which the fine-tune
+loop uses too; `run_evaluate` embeds whole collections.
+
+Floors (unless `no_floors`), each scored with both figures, and the clips' figures as multiples of them:
+- `reference_halves`: the reference against itself, split in two by track (file, or a dataset's audio_file),
+  what two sets of real music of this kind score against each other;
+- `rendered_reference`: the reference rendered through the clips' own codec and vocoder (audio -> the clips'
+  model's mel slices -> Griffin-Lim -> audio, embedded as the clips are), against the reference: the best
+  figure clips of that mel config can reach. Its codec is the generate output's model (the manifest's model
+  column), a spectrogram dataset's mel config, or `clips_model`; for plain audio clips without it, none.
 
 Inputs (`--clips`, `--reference`; local, file://, s3://, gs://):
 - a generate output (`manifest.parquet`): its clips' WAV files, so clips of any model and mel config compare;
@@ -47,19 +56,17 @@ from audiodiff.dataset import spectrogram_files
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
+                               median_bandwidth, mel_embedding)
+from audiodiff.models import load_mel_config
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 
-# The built-in embedding (see `mel_embedding`): levels in 32 bands, texture and onsets in 16, per window of
-# 16 frames (0.37 s at 22050 Hz, hop 512: a note or a beat).
-LEVEL_BANDS = 32
-DYNAMICS_BANDS = 16
-WINDOW_FRAMES = 16
-MEL_DIM = LEVEL_BANDS + 2 * DYNAMICS_BANDS
 DEFAULT_SAMPLE_RATE = 16000  # for an embedding module without a `sample_rate` attribute (VGGish's rate)
 _ITEMS = pa.schema([("side", pa.string()), ("source", pa.string()), ("data", pa.binary()), ("is_image", pa.bool_()),
-                    ("genre", pa.string())])
+                    ("genre", pa.string()), ("track", pa.string())])
 _VECTORS = pa.schema([("side", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                      ("vectors", pa.list_(pa.list_(pa.float32()))), ("genre", pa.string())])
+                      ("vectors", pa.list_(pa.list_(pa.float32()))), ("genre", pa.string()), ("track", pa.string())])
+RENDERED = "rendered"  # the side of the reference rendered through the clips' codec and vocoder
 
 
 @dataclasses.dataclass
@@ -73,6 +80,9 @@ class EvaluateConfig:
     max_seconds: float = 30 * 60
     shared_path: bool = False  # local --clips and --reference that every node of a multi-node cluster mounts
 
+    clips_model: str | None = None  # the model whose codec made the clips, for audio clips without a manifest
+    no_floors: bool = False  # skip the floors (the reference's halves, the reference through the clips' codec)
+
     def __post_init__(self):
         """The checks that need no data and no cluster (audiodiff.checks)."""
         checks.finite(self)
@@ -81,67 +91,6 @@ class EvaluateConfig:
             if not getattr(self, name):
                 raise AudiodiffError(f"{checks.flag(self, name)} is empty; give a path or URI")
 
-
-# the pure functions
-
-
-def mel_embedding(images: torch.Tensor | np.ndarray, config: MelConfig) -> np.ndarray:
-    """uint8 mel images [batch, y_res, width] (as the models make them and `MelCodec.audio_to_images` cuts
-    them) -> float32 vectors [batch * (width // 16), 64], one per window of 16 frames, image by image.
-
-    Per window, in dB below the image's loudest bin (what the image's grey levels encode, so a clip's
-    loudness does not matter):
-    - the mean level in 32 bands of equal mel width: the spectral envelope (timbre, register, noise vs tones);
-    - the level's standard deviation over the window in 16 bands: texture (steady drone vs moving notes);
-    - the mean rise from frame to frame in 16 bands (spectral flux): onsets (drums, plucked notes).
-    These are the hand-made features music-genre classification started from (envelope, texture windows,
-    flux), so they tell apart what a listener would: white noise is loud and flat in every band, silence is
-    one level everywhere, a drone is steady in a few low bands, beats rise sharply in the low and the noise
-    bands, an arpeggio in its note's harmonics. The bands are pooled from the image's mel bins, so 64-bin
-    (tiny) and 256-bin (full) images land in one space (near, not on, each other: shorter slices and wider
-    filters shift the levels a little); 64 dimensions keep the covariance estimable from a few hundred
-    vectors. Distances come out in dB squared. Needs no trained weights.
-    """
-    images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # may be read-only
-    if images.ndim != 3 or images.shape[1] != config.y_res:
-        raise ValueError(f"mel_embedding takes images [batch, {config.y_res}, width], got {tuple(images.shape)}")
-    db = images.float() * (config.top_db / 255.0) - config.top_db
-    window = min(WINDOW_FRAMES, db.shape[-1])
-    windows = db.shape[-1] // window
-
-    def bands(count: int) -> torch.Tensor:  # [batch, count, windows, window]
-        pooled = torch.nn.functional.adaptive_avg_pool2d(db[:, None], (count, db.shape[-1]))[:, 0]
-        return pooled[..., :windows * window].unflatten(-1, (windows, window))
-
-    coarse = bands(DYNAMICS_BANDS)
-    features = torch.cat([bands(LEVEL_BANDS).mean(-1), coarse.std(-1, correction=0),
-                          coarse.diff(dim=-1).clamp_min(0).mean(-1)], dim=1)  # [batch, 64, windows]
-    return features.transpose(1, 2).reshape(-1, features.shape[1]).cpu().numpy()
-
-
-def embedding_statistics(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors [n, dim] -> their mean [dim] and covariance [dim, dim], in float64."""
-    vectors = np.asarray(vectors, dtype=np.float64)
-    if vectors.ndim != 2 or len(vectors) < 2:
-        raise ValueError(f"embedding_statistics needs at least 2 vectors [n, dim], got shape {vectors.shape}")
-    return vectors.mean(axis=0), np.cov(vectors, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """The Fréchet distance between two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2).
-
-    The trace of the square root is taken through symmetric eigen decompositions, of S1 and then of
-    S1^1/2 S2 S1^1/2 (which has the eigenvalues of S1 S2), with eigenvalues clamped at 0: exact for the
-    rank-deficient covariances of fewer vectors than dimensions, where the usual scipy `sqrtm` of S1 S2 goes
-    complex or unstable. Rounding can leave a hair below 0 for equal statistics; the result is at least 0.
-    """
-    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    values, vectors = np.linalg.eigh(sigma1)
-    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    product = root1 @ sigma2 @ root1
-    trace_root = np.sqrt(np.linalg.eigvalsh((product + product.T) / 2).clip(min=0)).sum()
-    distance = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root
-    return max(float(distance), 0.0)
 
 
 # embeddings, per worker
@@ -201,18 +150,23 @@ class _Embedder:
     Rows in: `side`, `source`, `data` (an audio file, or a spectrogram's PNG), `is_image` (whether a PNG).
     Rows out: `side`, `source`, `reason` (None when embedded), `vectors` (a list of vectors, empty if none)."""
 
-    def __init__(self, model: bytes | None, mel: MelConfig, source: str, max_seconds: float | None = None):
+    def __init__(self, model: bytes | None, mel: MelConfig, source: str, max_seconds: float | None = None,
+                 render: MelConfig | None = None):
         torch.set_num_threads(1)  # several workers share the CPUs
         self.embedding = _embedding(model, mel, source)
         self.mel = mel
         self.max_seconds = max_seconds
+        self.render = render  # the clips' mel config, for the RENDERED side's items
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources, data = batch["source"].to_pylist(), batch["data"].to_pylist()
         vectors, reasons, images = [[] for _ in sources], [None] * len(sources), {}
+        rendered = batch["side"].to_pylist()
         for i, (source, item, is_image) in enumerate(zip(sources, data, batch["is_image"].to_pylist())):
             try:
-                if is_image:
+                if rendered[i] == RENDERED:
+                    vectors[i] = self._rendered(self._decode(item, source) if is_image else None, item, source)
+                elif is_image:
                     images[i] = self._decode(item, source)
                 else:
                     audio = load_audio(item, self.embedding.sample_rate, source, self.max_seconds)
@@ -227,7 +181,22 @@ class _Embedder:
                 for i in images:
                     reasons[i] = _reason(e)
         return pa.table({"side": batch["side"], "source": sources, "reason": reasons,
-                         "vectors": [list(v) for v in vectors], "genre": batch["genre"]}, schema=_VECTORS)
+                         "vectors": [list(v) for v in vectors], "genre": batch["genre"], "track": batch["track"]},
+                        schema=_VECTORS)
+
+    def _rendered(self, image: np.ndarray | None, audio_file: bytes, source: str) -> np.ndarray:
+        """An item through the clips' codec and vocoder, each slice embedded as a clip of its own is. An image
+        already of the clips' config needs only the vocoder."""
+        render, codec = MelCodec(self.render), MelCodec(self.mel)
+        if image is not None and self.render == self.mel:
+            slices = codec.images_to_audio(image[None]).numpy()
+        else:
+            audio = (load_audio(audio_file, self.render.sample_rate, source, self.max_seconds) if image is None else
+                     resample(codec.images_to_audio(image[None])[0].numpy(), self.mel.sample_rate,
+                              self.render.sample_rate))
+            slices = render.images_to_audio(render.audio_to_images(audio)).numpy()
+        rate = self.embedding.sample_rate
+        return np.concatenate([self.embedding.of_audio(resample(a, self.render.sample_rate, rate)) for a in slices])
 
     def _decode(self, png: bytes, source: str) -> np.ndarray:
         return png_image(png, source, (self.mel.y_res, self.mel.x_res))
@@ -250,6 +219,7 @@ class _Side:
     files: list[str]
     mel: MelConfig | None = None
     genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
+    codec: MelConfig | None = None  # clips: the mel config of the model that made them, where known
 
 
 def _open_side(name: str, uri: str) -> _Side:
@@ -267,7 +237,7 @@ def _open_side(name: str, uri: str) -> _Side:
             raise AudiodiffError(f"--{name} {parts[0]}: not readable parquet ({e})") from None
         if "image" not in columns:
             raise AudiodiffError(f"--{name} {parts[0]}: no 'image' column (columns: {', '.join(columns)})")
-        return _Side(name, uri, "slices", parts, mel)
+        return _Side(name, uri, "slices", parts, mel, codec=mel)
     if storage.exists(manifest):
         try:
             table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
@@ -278,13 +248,23 @@ def _open_side(name: str, uri: str) -> _Side:
             raise AudiodiffError(f"--{name} {manifest}: lists no clips")
         files = [storage.join(uri, *wav.split("/")) for wav in wavs]
         genres = table["genre"].to_pylist() if "genre" in table.column_names else [None] * len(files)
-        return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g})
+        models = set(table["model"].to_pylist()) if "model" in table.column_names else set()
+        codec = _model_mel(models.pop(), f"--{name} {manifest}: its model") if len(models) == 1 else None
+        return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g}, codec=codec)
     files = storage.list_files(uri, AUDIO_EXTENSIONS) if storage.is_dir(uri) else [uri]
     if not files:
         raise AudiodiffError(f"--{name} {uri}: no audio files (chosen by extension: README.md, 'Audio formats'), "
                              "generate output (manifest.parquet) or spectrogram dataset (mel_config.json) there")
     # audio: a file's genre is the name of its folder, as preprocess --genre-from-folder takes it
     return _Side(name, uri, "files", files, genres={f: folder_genre(f) for f in files})
+
+
+def _model_mel(model: str, named: str) -> MelConfig:
+    try:
+        return load_mel_config(model)
+    except (AudiodiffError, OSError) as e:
+        raise AudiodiffError(f"{named} {model}: its mel config is not readable ({e}); give --clips-model, the "
+                             "model (or a copy of it) that made the clips, or --no-floors") from None
 
 
 def _evaluation_mel(sides: list[_Side]) -> MelConfig:
@@ -306,26 +286,30 @@ def _items(side: _Side) -> ray.data.Dataset:
     paths = [storage.resolve(f)[1] for f in side.files]
     if side.unit == "slices":
         rows = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
-        has_genre = "genre" in pq.read_schema(paths[0], filesystem=fs).names
+        names = pq.read_schema(paths[0], filesystem=fs).names
         items = {"source": col("image").struct.field("path"), "data": col("image").struct.field("bytes"),
-                 "is_image": lit(True), "genre": col("genre") if has_genre else lit("")}
+                 "is_image": lit(True), "genre": col("genre") if "genre" in names else lit(""),
+                 "track": col("audio_file") if "audio_file" in names else lit("")}
     else:  # the genres of files are the side's own (`_Side.genres`), set on the driver
         rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=LIGHT_CPUS)
-        items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False), "genre": lit("")}
+        items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False), "genre": lit(""),
+                 "track": col("path")}
     return rows.with_columns({"side": lit(side.name), **items}, num_cpus=LIGHT_CPUS).select_columns(_ITEMS.names)
 
 
-def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str, max_seconds: float) -> pa.Table:
-    """Both sides' items through the embedding; their rows, collected on the driver. The built-in embedding
-    has nothing worth keeping between batches (its codec takes milliseconds to build), so it runs as tasks on
-    the worker processes Ray keeps warm; a user's module is loaded once per actor."""
+def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str, max_seconds: float,
+           render: MelConfig | None) -> pa.Table:
+    """The sides' items through the embedding (the RENDERED side's through `render` first); their rows,
+    collected on the driver. The built-in embedding has nothing worth keeping between batches (its codec takes
+    milliseconds to build), so it runs as tasks on the worker processes Ray keeps warm; a user's module is loaded
+    once per actor."""
     if model is None:
-        udf = {"fn": _embed_with_mel, "fn_args": (mel, max_seconds)}
+        udf = {"fn": _embed_with_mel, "fn_args": (mel, max_seconds, render)}
     else:
         actors = max(1, int(cluster_capacity("CPU", cpu_only=True)))
-        udf = {"fn": _Embedder, "fn_constructor_args": (model, mel, source, max_seconds),
+        udf = {"fn": _Embedder, "fn_constructor_args": (model, mel, source, max_seconds, render),
                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors)}
-    embedded = _items(sides[0]).union(_items(sides[1])).map_batches(
+    embedded = _items(sides[0]).union(*[_items(side) for side in sides[1:]]).map_batches(
         **udf, batch_size=8, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     batches = []
     with progress.Progress("evaluate", sum(map(_item_count, sides)), "items") as embedding:
@@ -343,13 +327,13 @@ def _item_count(side: _Side) -> int:
     return sum(pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows for f in side.files)
 
 
-def _embed_with_mel(batch: pa.Table, mel: MelConfig, max_seconds: float) -> pa.Table:
-    return _Embedder(None, mel, "mel", max_seconds)(batch)
+def _embed_with_mel(batch: pa.Table, mel: MelConfig, max_seconds: float, render: MelConfig | None) -> pa.Table:
+    return _Embedder(None, mel, "mel", max_seconds, render)(batch)
 
 
-def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, dict, list[dict]]:
-    """One side's rows (one per item) -> its vectors [n, dim], each vector's genre ("" for none), its summary,
-    and its rejects (sources named by the URIs given)."""
+def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, list[dict]]:
+    """One side's rows (one per item) -> its vectors [n, dim], each vector's genre ("" for none) and track,
+    its summary, and its rejects (sources named by the URIs given)."""
     rows = rows.filter(pc.equal(rows["side"], side.name))
     per_vector = rows["vectors"].combine_chunks().flatten()
     values = np.asarray(per_vector.flatten(), dtype=np.float32)
@@ -359,31 +343,65 @@ def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, 
                    for source, genre in zip(rows["source"].to_pylist(), rows["genre"].to_pylist())]
     counts = [len(v) for v in rows["vectors"].to_pylist()]
     genres = np.repeat(np.array(item_genres, dtype=object), counts) if counts else np.array([], dtype=object)
+    tracks = np.repeat(np.array([t or s for t, s in zip(rows["track"].to_pylist(), rows["source"].to_pylist())],
+                                dtype=object), counts) if counts else np.array([], dtype=object)
     rejected = [{"side": side.name, "source": uris.get(r["source"], r["source"]), "reason": r["reason"]}
                 for r in rows.filter(pc.is_valid(rows["reason"])).select(["source", "reason"]).to_pylist()]
     summary = {"uri": side.uri, "unit": side.unit, "items": len(rows), "vectors": len(vectors)}
-    return vectors, genres, summary, rejected
+    return vectors, genres, tracks, summary, rejected
 
 
-def by_genre(clips: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]) -> dict:
-    """{clips' genre: {reference's genre: Fréchet distance}} over the genres with at least 2 vectors on a side."""
-    def groups(vectors, genres):
-        return {g: vectors[genres == g] for g in sorted(set(genres) - {""}) if (genres == g).sum() >= 2}
+def by_genre(clips: tuple[np.ndarray, np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+             bandwidth: float) -> tuple[dict, dict]:
+    """(vectors, genres, tracks) of each side -> {clips' genre: {reference's genre: Fréchet distance}} over the
+    genres with at least 2 vectors on a side, and the same of the kernel distance (with one kernel, the whole
+    reference's, for every cell)."""
+    def groups(vectors, genres, tracks):
+        return {g: (vectors[genres == g], tracks[genres == g]) for g in sorted(set(genres) - {""})
+                if (genres == g).sum() >= 2}
 
     ours, theirs = groups(*clips), groups(*reference)
-    statistics = {g: embedding_statistics(v) for g, v in theirs.items()}
-    return {g: {r: frechet_distance(*embedding_statistics(v), *statistics[r]) for r in theirs}
-            for g, v in ours.items()}
+    statistics = {g: embedding_statistics(v) for g, (v, _) in theirs.items()}
+    return ({g: {r: frechet_distance(*embedding_statistics(v), *statistics[r]) for r in theirs}
+             for g, (v, _) in ours.items()},
+            {g: {r: kernel_distance(v, theirs[r][0], bandwidth, t, theirs[r][1]) for r in theirs}
+             for g, (v, t) in ours.items()})
+
+
+def _floors(reference: np.ndarray, tracks: np.ndarray, rendered: np.ndarray | None, rendered_tracks: np.ndarray,
+            codec: MelConfig | None, bandwidth: float) -> dict:
+    """Both figures of the reference's halves against each other, and of the rendered reference against the
+    reference; None for a floor that cannot be had (too few vectors, no codec known)."""
+    floors = {"reference_halves": None, "rendered_reference": None}
+    first = halves(len(reference), tracks)
+    if first is not None:
+        floors["reference_halves"] = {
+            **distances(reference[first], reference[~first], bandwidth, tracks[first], tracks[~first]),
+            "split": "tracks" if len(set(tracks)) >= 2 else "vectors",
+            "vectors": [int(first.sum()), int((~first).sum())]}
+    if rendered is not None and len(rendered) >= 2:
+        floors["rendered_reference"] = {**distances(rendered, reference, bandwidth, rendered_tracks, tracks),
+                                        "mel_config": dataclasses.asdict(codec), "vectors": len(rendered)}
+    return floors
+
+
+def _above(result: dict) -> dict:
+    """The clips' figures as multiples of each floor's (None where the floor is not above 0)."""
+    return {name: {figure: result[figure] / floor[figure] if floor[figure] > 0 else None
+                   for figure in ("frechet_distance", "kernel_distance")}
+            for name, floor in result["floors"].items() if floor is not None}
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
-    """Embed both sides on the current Ray, then the Fréchet distance; returns (and writes to
-    `config.output` as JSON) the distance, what was compared, and what was rejected."""
+    """Embed both sides (and the rendered reference, for its floor) on the current Ray, then both figures and
+    the floors; returns (and writes to `config.output` as JSON) them, what was compared, and what was rejected."""
     if config.output and storage.exists(config.output) and \
             (ownership.read_record(config.output) or {}).get(ownership.WRITTEN_BY) != ownership.mark("evaluate"):
         raise AudiodiffError(f"--output {config.output}: a file `audiodiff evaluate` did not write; it replaces only "
                              "its own results: choose another --output")
     sides = [_open_side("clips", config.clips), _open_side("reference", config.reference)]
+    if config.clips_model:
+        sides[0].codec = _model_mel(config.clips_model, "--clips-model")
     mel = _evaluation_mel(sides)
     if config.embedding != "mel" and not storage.exists(config.embedding):
         raise AudiodiffError(f"--embedding {config.embedding}: not found; give 'mel' or a TorchScript module's file")
@@ -391,22 +409,37 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     if model is not None:  # a module that does not load or gives the wrong shape stops here, before any worker
         _ScriptedEmbedding(model, mel, config.embedding).of_audio(np.zeros(1, np.float32))
     check_paths_reachable(config.shared_path, inputs=[config.clips, config.reference])  # the workers read both
-    rows = _embed(sides, model, mel, config.embedding, config.max_seconds)
-    summaries, statistics, rejected, labelled = {}, [], [], []
+    render = None if config.no_floors else sides[0].codec
+    embedded = sides + ([dataclasses.replace(sides[1], name=RENDERED)] if render is not None else [])
+    rows = _embed(embedded, model, mel, config.embedding, config.max_seconds, render)
+    summaries, vectors, tracks, rejected, labelled = {}, {}, {}, [], []
     for side in sides:
-        vectors, genres, summaries[side.name], side_rejected = _side_vectors(rows, side)
-        labelled.append((vectors, genres))
+        vectors[side.name], genres, tracks[side.name], summaries[side.name], side_rejected = _side_vectors(rows, side)
+        labelled.append((vectors[side.name], genres, tracks[side.name]))
         rejected += side_rejected
-        if len(vectors) < 2:
+        if len(vectors[side.name]) < 2:
             reasons = "; ".join(f"{r['source']}: {r['reason']}" for r in side_rejected[:3])
-            raise AudiodiffError(f"--{side.name} {side.uri}: {len(vectors)} embedding vectors, at least 2 needed"
-                                 + (f" ({len(side_rejected)} rejected: {reasons})" if side_rejected else ""))
-        statistics.append(embedding_statistics(vectors))
+            raise AudiodiffError(f"--{side.name} {side.uri}: {len(vectors[side.name])} embedding vectors, at least "
+                                 "2 needed" + (f" ({len(side_rejected)} rejected: {reasons})" if side_rejected else ""))
+    bandwidth = median_bandwidth(vectors["reference"])
     result = {ownership.WRITTEN_BY: ownership.mark("evaluate"),
-              "frechet_distance": frechet_distance(*statistics[0], *statistics[1]), "embedding": config.embedding,
-              "mel_config": dataclasses.asdict(mel), **summaries, "rejected": rejected}
+              "frechet_distance": frechet_distance(*embedding_statistics(vectors["clips"]),
+                                                   *embedding_statistics(vectors["reference"])),
+              "kernel_distance": kernel_distance(vectors["clips"], vectors["reference"], bandwidth, tracks["clips"],
+                                                 tracks["reference"]),
+              "kernel_bandwidth": bandwidth, "embedding": config.embedding, "mel_config": dataclasses.asdict(mel),
+              **summaries}
+    if not config.no_floors:
+        rendered, _, rendered_tracks, _, rendered_rejected = (_side_vectors(rows, embedded[2]) if render is not None
+                                                              else (None,) * 4 + ([],))
+        known = {r["source"] for r in rejected}
+        rejected += [r for r in rendered_rejected if r["source"] not in known]  # a reference file's own is reported
+        result["floors"] = _floors(vectors["reference"], tracks["reference"], rendered, rendered_tracks, render,
+                                   bandwidth)
+        result["above_floors"] = _above(result)
+    result["rejected"] = rejected
     if config.by_genre:
-        result["by_genre"] = by_genre(*labelled)
+        result["by_genre"], result["by_genre_kernel"] = by_genre(*labelled, bandwidth)
         if not result["by_genre"]:
             raise AudiodiffError(f"--by-genre: no genre has clips in {config.clips} and reference in "
                                  f"{config.reference} (genres come from the manifest's genre column, a dataset's "
@@ -421,6 +454,22 @@ def summary_line(result: dict, config: EvaluateConfig) -> str:
     rejected = f", {len(result['rejected'])} files rejected" if result["rejected"] else ""
     matrix = "".join(f"\n  {genre} clips to reference " + ", ".join(f"{r} {d:.2f}" for r, d in row.items())
                      for genre, row in result.get("by_genre", {}).items())
-    return (f"evaluate: Fréchet distance {result['frechet_distance']:.2f} ({config.embedding} embedding) between "
-            f"{clips['items']} {clips['unit']} and {reference['items']} reference {reference['unit']}{rejected}"
-            + (f" -> {config.output}" if config.output else "") + matrix)
+    floors = "".join(f"\n  floor: {FLOOR_NAMES[name]}: " + _floor_text(floor, result["above_floors"].get(name), name)
+                     for name, floor in result.get("floors", {}).items())
+    return (f"evaluate: Fréchet distance {result['frechet_distance']:.2f}, kernel distance "
+            f"{result['kernel_distance']:.4f} ({config.embedding} embedding) between {clips['items']} {clips['unit']} "
+            f"and {reference['items']} reference {reference['unit']}{rejected}"
+            + (f" -> {config.output}" if config.output else "") + floors + matrix)
+
+
+FLOOR_NAMES = {"reference_halves": "the reference's halves against each other",
+               "rendered_reference": "the reference through the clips' codec and Griffin-Lim"}
+
+
+def _floor_text(floor: dict | None, above: dict | None, name: str) -> str:
+    if floor is None:
+        return "not measured (" + ("a half has fewer than 2 vectors" if name == "reference_halves" else
+                                   "the clips' codec is unknown: give --clips-model") + ")"
+    ratio = above["frechet_distance"]
+    return (f"Fréchet {floor['frechet_distance']:.2f}, kernel {floor['kernel_distance']:.4f}; the clips' Fréchet "
+            f"distance is " + (f"{ratio:.1f}x it" if ratio is not None else "above a floor of 0"))

@@ -54,9 +54,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from ray.data.expressions import col
 from ray.train.v2._internal.execution import context as train_context  # its logger is named by its file
 
-from audiodiff import checks, devices, evaluate, ownership, progress, sampling, storage
+from audiodiff import checks, devices, ownership, progress, sampling, storage
 from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
+from audiodiff.metrics import (embedding_statistics, frechet_distance, halves, kernel_distance, median_bandwidth,
+                               mel_embedding)
 from audiodiff.mel import MelCodec
 from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
@@ -467,7 +469,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {"step": step, "loss": loss_sum.item() / (images_seen / c.batch_size),  # the host sync
                        "lr": lr_schedule.get_last_lr()[0], "images_per_second": images_seen * world / elapsed}
             if sample_step and samples:
-                metrics["frechet_distance"] = samples.write(step)
+                metrics.update(samples.write(step))
             history.append(metrics)
             if rank == 0:
                 per_step = (time.perf_counter() - run_started) / (step - first_step)
@@ -475,8 +477,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
                 log.info(f"step {step}/{plan.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                          f"{metrics['images_per_second']:.1f} images/s{left}"
-                         + (f"  quality (Fréchet distance) {metrics['frechet_distance']:.2f}"
-                            if "frechet_distance" in metrics else ""))
+                         + (f"  quality: Fréchet distance {metrics['frechet_distance']:.2f} (floor "
+                            f"{metrics.get('frechet_floor', float('nan')):.2f}), kernel distance "
+                            f"{metrics['kernel_distance']:.4f}" if "frechet_distance" in metrics else ""))
                 samples.log_scalars(metrics)
             checkpoint = None
             if checkpoint_step and rank == 0:
@@ -508,11 +511,20 @@ class Sampler:
         self.vqvae, self.device = parts.vqvae, device
         self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
         self.codec = MelCodec(parts.mel, device=device)
-        self.reference = evaluate.embedding_statistics(evaluate.mel_embedding(ray.get(plan.holdout), parts.mel))
+        images = ray.get(plan.holdout)
+        held = mel_embedding(images, parts.mel)
+        self.reference, self.held, self.bandwidth = embedding_statistics(held), held, median_bandwidth(held)
+        self.groups = _image_groups(len(held), len(images))  # the kernel distance leaves out pairs of one image
+        # the floor, as evaluate's: the held-out images' halves against each other (images in turn: tracks unknown)
+        first = halves(len(held), self.groups)
+        self.floors = {} if first is None else {
+            "frechet_floor": frechet_distance(*embedding_statistics(held[first]), *embedding_statistics(held[~first])),
+            "kernel_floor": kernel_distance(held[first], held[~first], self.bandwidth, self.groups[first],
+                                            self.groups[~first])}
         self.logs = tempfile.mkdtemp(prefix="audiodiff-logs-")
         self.writer = SummaryWriter(self.logs)
 
-    def write(self, step: int) -> float:
+    def write(self, step: int) -> dict:
         c, mel = self.c, self.mel
         seeds = list(range(c.num_samples))
         genres = [self.genres[s % len(self.genres)] for s in seeds] if self.genres else [None] * len(seeds)
@@ -540,15 +552,21 @@ class Sampler:
                            f"{c.output} (EMA, step {step})", genre=genre)
             write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, PEAK_DBFS))
             rows.append(row)
-        distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
-                                             *self.reference)
-        write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
-                                                 f"(DDIM {c.sample_steps}); Fréchet distance {distance:.2f}")
+        vectors = mel_embedding(images, mel)
+        figures = {"frechet_distance": frechet_distance(*embedding_statistics(vectors), *self.reference),
+                   "kernel_distance": kernel_distance(vectors, self.held, self.bandwidth,
+                                                      _image_groups(len(vectors), len(images)), self.groups),
+                   **self.floors}
+        write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights (DDIM "
+                                                 f"{c.sample_steps}); Fréchet distance "
+                                                 f"{figures['frechet_distance']:.2f} (floor "
+                                                 f"{figures.get('frechet_floor', float('nan')):.2f}), kernel "
+                                                 f"distance {figures['kernel_distance']:.4f}")
         self.writer.add_images("samples/spectrograms", images[:, None], step, dataformats="NCHW")
         for seed, clip in zip(seeds[:4], audio):  # Griffin-Lim's output can pass 1.0: peak-normalise
             self.writer.add_audio(f"samples/{seed:02d}", clip[None] / max(1e-9, float(abs(clip).max())), step,
                                   sample_rate=mel.sample_rate)
-        return distance
+        return figures
 
     def log_scalars(self, metrics: dict) -> None:
         """Scalars at every log step; the event files reach the output at sample steps and at the end."""
@@ -562,6 +580,11 @@ class Sampler:
     def close(self) -> None:
         self.writer.close()
         storage.upload_dir(self.logs, storage.join(self.c.output, "logs"))
+
+
+def _image_groups(vectors: int, images: int) -> np.ndarray:
+    """Each of `mel_embedding`'s vectors' image (it embeds image by image)."""
+    return np.arange(vectors) // (vectors // images)
 
 
 def result_settings(c: TrainConfig) -> dict:
@@ -647,6 +670,10 @@ def loss_curve_png(history: list[dict]) -> bytes:
     if quality:
         axes[0][1].plot([h["step"] for h in quality], [h["frechet_distance"] for h in quality], marker="o",
                         color="darkred")
+        if "frechet_floor" in quality[-1]:
+            axes[0][1].axhline(quality[-1]["frechet_floor"], color="grey", linestyle="--",
+                               label="floor: held-out halves")
+            axes[0][1].legend()
         axes[0][1].set(xlabel="optimizer step", ylabel="Fréchet distance to held-out data",
                        title="sample quality (lower is better)")
         axes[0][1].grid(alpha=0.3)
@@ -786,14 +813,15 @@ def run_finetune(config: TrainConfig) -> dict:
     with worker_errors(ray.train.TrainingFailedError):  # a streamed image that is not a PNG of the model's size
         result = trainer.fit()
     history = export(result.checkpoint, parts, config.output, plan.genres)
-    quality = [h["frechet_distance"] for h in history if "frechet_distance" in h]
+    quality = [h for h in history if "frechet_distance" in h]
     return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,
             "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-            "frechet_distance": quality[-1] if quality else None, "output": config.output}
+            "frechet_distance": quality[-1]["frechet_distance"] if quality else None,
+            "kernel_distance": quality[-1]["kernel_distance"] if quality else None, "output": config.output}
 
 
 def summary_line(result: dict) -> str:
     stopped = "" if result["steps"] == result["total_steps"] else f" (stopped; --resume goes on to {result['total_steps']})"
     return (f"finetune: {result['steps']} steps{stopped} on {result['images']} images, loss {result['first_loss']:.4f} -> "
-            f"{result['last_loss']:.4f}, quality (Fréchet distance to held-out data) {result['frechet_distance']:.2f} "
-            f"-> {result['output']}")
+            f"{result['last_loss']:.4f}, quality (Fréchet distance to held-out data) {result['frechet_distance']:.2f}, "
+            f"kernel distance {result['kernel_distance']:.4f} -> {result['output']}")

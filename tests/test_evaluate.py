@@ -11,9 +11,11 @@ from audiodiff import storage
 from audiodiff.audio import load_audio, resample
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.errors import AudiodiffError
-from audiodiff.evaluate import (MEL_DIM, EvaluateConfig, embedding_statistics, frechet_distance, mel_embedding,
-                                run_evaluate)
+from audiodiff import metrics
+from audiodiff.evaluate import EvaluateConfig, run_evaluate, summary_line
 from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
+                               median_bandwidth, mel_embedding)
 from audiodiff.synth import GENRES, synthesize, write_examples
 
 FULL = MelConfig()  # the evaluation config for audio against audio
@@ -143,6 +145,94 @@ def test_mel_embedding_puts_each_genre_nearest_its_own_kind():
         assert distance(from_tiny, references[genre]) < min(others[kind] for kind in rest), genre
 
 
+def genre_tracks(genre: str, seeds, seconds: float = 6.0, codec: MelCodec = MelCodec(FULL)):
+    """The vectors of one synthetic track per seed, and each vector's track."""
+    vectors = [mel_embedding(codec.audio_to_images(synthesize(genre, seconds, seed=seed)), codec.config)
+               for seed in seeds]
+    return np.concatenate(vectors), np.repeat(np.arange(len(vectors)), [len(v) for v in vectors])
+
+
+def test_kernel_distance_is_the_unbiased_mmd_of_its_formula():
+    rng = np.random.default_rng(1)
+    x, y, bandwidth = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(5, 3)), 1.3
+
+    def k(a, b):
+        return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * bandwidth ** 2))
+
+    def within(a, groups):
+        pairs = groups[:, None] != groups[None]
+        return k(a, a)[pairs].mean()
+
+    plain = within(x, np.arange(7)) + within(y, np.arange(5)) - 2 * k(x, y).mean()
+    assert kernel_distance(x, y, bandwidth) == pytest.approx(plain, rel=1e-12)
+    # grouped (a track per vector group): the pairs of one group are left out of the within-set means
+    gx, gy = np.array([0, 0, 1, 1, 1, 2, 2]), np.array([0, 1, 1, 2, 2])
+    grouped = within(x, gx) + within(y, gy) - 2 * k(x, y).mean()
+    assert kernel_distance(x, y, bandwidth, gx, gy) == pytest.approx(grouped, rel=1e-12)
+    assert kernel_distance(x, y, bandwidth) == pytest.approx(kernel_distance(y, x, bandwidth), rel=1e-12)
+    # the median heuristic: the bandwidth is the median distance between distinct reference vectors
+    distances_y = np.sqrt(((y[:, None] - y[None]) ** 2).sum(-1))[np.triu_indices(5, 1)]
+    assert median_bandwidth(y) == pytest.approx(np.median(distances_y), rel=1e-9)
+    assert kernel_distance(x, y) == pytest.approx(kernel_distance(x, y, np.median(distances_y)), rel=1e-9)
+
+
+def test_kernel_distance_is_the_same_computed_block_by_block(monkeypatch):
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(50, 4)), rng.normal(size=(30, 4))
+    whole = kernel_distance(x, y, 2.0, np.arange(50) // 5, np.arange(30) // 3)
+    monkeypatch.setattr(metrics, "KERNEL_BLOCK", 7)  # what bounds the memory of large sets
+    assert kernel_distance(x, y, 2.0, np.arange(50) // 5, np.arange(30) // 3) == pytest.approx(whole, rel=1e-12)
+
+
+def test_two_draws_of_one_distribution_give_a_kernel_distance_of_about_zero():
+    # independent vectors: the estimate averages to 0 at 5 vectors a set, single draws go below 0 too, where the
+    # Fréchet distance of the same draws is far above 0 (its bias at few vectors)
+    rng = np.random.default_rng(3)
+    draws = [rng.normal(size=(2, 5, 8)) for _ in range(400)]
+    kernel = np.array([kernel_distance(a, b, 4.0) for a, b in draws])
+    frechet = np.array([distance(a, b) for a, b in draws])
+    assert abs(kernel.mean()) < 3 * kernel.std() / np.sqrt(len(kernel)) and (kernel < 0).mean() > 0.3
+    assert frechet.mean() > 10 * frechet.std() / np.sqrt(len(frechet))
+    # tracks of the tests' genres: two draws of 4 tracks each (windows grouped by track), against the distance
+    # between genres; measured (8 draws a genre): means 0.019, 0.008, 0.004 (standard errors 0.053, 0.007,
+    # 0.012), against 0.75-1.09 between genres
+    for genre, other in (("beats", "arpeggio"), ("arpeggio", "drone")):
+        pairs = [(genre_tracks(genre, range(200 + 8 * k, 204 + 8 * k)),
+                  genre_tracks(genre, range(204 + 8 * k, 208 + 8 * k))) for k in range(4)]
+        between = kernel_distance(pairs[0][0][0], genre_tracks(other, range(4))[0])
+        same = np.array([kernel_distance(a[0], b[0], median_bandwidth(b[0]), a[1], b[1]) for a, b in pairs])
+        assert abs(same.mean()) < 0.05 * between and same.min() < 0.05 * between, (genre, same, between)
+
+
+def test_kernel_distance_ranks_as_the_frechet_distance_does():
+    references = {genre: genre_tracks(genre, range(4)) for genre in GENRES}
+    for genre in GENRES:  # each genre's other tracks are nearest their own genre by both figures
+        candidate = genre_tracks(genre, range(100, 104))
+        figures = {r: distances(candidate[0], v, None, candidate[1], t) for r, (v, t) in references.items()}
+        for figure in ("frechet_distance", "kernel_distance"):
+            nearest, second = sorted(figures, key=lambda r: figures[r][figure])[:2]
+            assert nearest == genre and figures[second][figure] > 4 * abs(figures[genre][figure]), (figure, figures)
+    # clips of one genre worse and worse (more and more noise in them): both figures rise in the same order
+    reference, tracks = references["drone"]
+    codec = MelCodec(FULL)
+    scores = []
+    for level in (0.0, 0.03, 0.3):
+        audio = [synthesize("drone", 6.0, seed=100 + n) + level * noise(6.0, seed=n) for n in range(4)]
+        vectors = [mel_embedding(codec.audio_to_images(a), FULL) for a in audio]
+        groups = np.repeat(np.arange(4), [len(v) for v in vectors])
+        scores.append(distances(np.concatenate(vectors), reference, None, groups, tracks))
+    for figure in ("frechet_distance", "kernel_distance"):
+        assert [s[figure] for s in scores] == sorted(s[figure] for s in scores), (figure, scores)
+
+
+def test_halves_split_by_track_else_vector_by_vector():
+    tracks = np.array(["b", "b", "a", "a", "c", "c", "c"])
+    # sorted tracks in turn: a and c in the first half, b in the second; no track on both sides
+    assert halves(7, tracks).tolist() == [False, False, True, True, True, True, True]
+    assert halves(5, np.array(["one"] * 5)).tolist() == [True, False, True, False, True]
+    assert halves(3) is None  # a half of fewer than 2 vectors
+
+
 # evaluate on Ray
 
 
@@ -219,6 +309,35 @@ def test_a_users_torchscript_embedding_plugs_in(music, local_ray, tmp_path):
     assert result["embedding"] == str(model)
     # as the pure path, up to the rounding of Griffin-Lim's batched float32 kernels on another thread count
     assert result["frechet_distance"] == pytest.approx(distance(*expected), rel=1e-3)
+
+
+def test_floors_show_clips_at_the_limit_of_their_codec(music, local_ray, tmp_path):
+    # clips that are the reference's own genre rendered through the tiny preset's codec and Griffin-Lim, one
+    # 64-frame slice (1.5 s) a clip as a tiny model makes them: as good as its clips can get, so they sit at the
+    # rendered floor and far above the reference's halves
+    tiny = MelCodec(TINY)
+    rendered = [clip for n in range(3)
+                for clip in tiny.images_to_audio(tiny.audio_to_images(synthesize("drone", 6.0, seed=300 + n))).numpy()]
+    folder = write_audio_folder(str(tmp_path / "clips"), rendered)
+    reference = str(music / "reference" / "drone")
+    result = run_evaluate(EvaluateConfig(clips=folder, reference=reference, clips_model="tiny"))
+    floors, above = result["floors"], result["above_floors"]
+    assert floors["rendered_reference"]["mel_config"] == vars(TINY)
+    assert floors["reference_halves"]["split"] == "tracks" and floors["reference_halves"]["vectors"] == [64, 64]
+    assert 0.5 < above["rendered_reference"]["frechet_distance"] < 2, result
+    assert above["reference_halves"]["frechet_distance"] > 3 * above["rendered_reference"]["frechet_distance"], result
+    assert floors["rendered_reference"]["kernel_distance"] > floors["reference_halves"]["kernel_distance"]
+    # the halves' floor is the pure functions' on the reference split by file
+    files = sorted(storage.list_files(reference))
+    first, second = (vectors_of_files(files[i::2], FULL) for i in (0, 1))
+    assert floors["reference_halves"]["frechet_distance"] == pytest.approx(distance(first, second), rel=1e-4)
+    line = summary_line(result, EvaluateConfig(clips=folder, reference=reference))
+    assert "the reference through the clips' codec and Griffin-Lim" in line and "x it" in line
+    # without a codec (plain audio, no --clips-model) that floor is not measured, and the summary says why
+    plain = run_evaluate(EvaluateConfig(clips=folder, reference=reference))
+    assert plain["floors"]["rendered_reference"] is None
+    assert "give --clips-model" in summary_line(plain, EvaluateConfig(clips=folder, reference=reference))
+    assert "floors" not in run_evaluate(EvaluateConfig(clips=folder, reference=reference, no_floors=True))
 
 
 # bad inputs
