@@ -396,7 +396,8 @@ def test_audio_longer_than_max_seconds_is_rejected_not_decoded_whole():
     items = pa.table({"side": ["clips"] * 3, "source": ["short.wav", "long.wav", "bomb.png"],
                       "data": [wav_bytes(noise(2, 1), FULL.sample_rate), wav_bytes(noise(8, 2), FULL.sample_rate),
                                png_bytes(np.zeros((FULL.y_res, 9000), np.uint8))],
-                      "is_image": [False, False, True], "genre": [""] * 3})
+                      "is_image": [False, False, True], "genre": [""] * 3,
+                      "track": ["short.wav", "long.wav", "bomb.png"]})
     rows = _Embedder(None, FULL, "mel", max_seconds=5)(items).to_pylist()
     assert rows[0]["reason"] is None and rows[0]["vectors"]
     assert rows[1]["reason"] == "longer than --max-seconds 5 (8 s); raise --max-seconds to keep it"
