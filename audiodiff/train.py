@@ -52,7 +52,7 @@ from audiodiff import devices, evaluate, sampling, storage
 from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec
-from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
+from audiodiff.models import Conditioning, PipelineParts, load_model, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
 from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_output_reachable, cluster_capacity, largest_node, require_gpus,
                                smallest_object_store)
@@ -65,8 +65,8 @@ HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the 
 OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
-                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
-# Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
+                     "num_samples", "sample_scheduler", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
+# Stochastic DDIM (the samples' eta): a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500  # optimizer steps; samples and the quality figure also come at the end
     num_samples: int = 8
-    sample_steps: int = 20  # DDIM steps of the samples
+    sample_scheduler: str = "ddim"  # the samples' sampler (audiodiff.sampling.SAMPLERS)
+    sample_steps: int = 20
     seed: int = 0
     genres: list[str] = dataclasses.field(default_factory=list)
     condition: str | None = None  # "genre": one model for every genre of the data, steerable by --genre
@@ -355,7 +356,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unet = parts.unet.to(device).train()
     genre_model = GenreConditioned(unet, _initial_vectors(parts, plan.genres, c.seed)).to(device) if plan.genres else None
     trained = genre_model or unet  # what the optimizer and DDP see
-    noise_scheduler = make_scheduler("ddpm", parts)
+    noise_scheduler = sampling.make_scheduler("ddpm", parts.scheduler.config)
     ema_settings = dict(decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_settings)
     ema_vectors = EMAModel([genre_model.vectors], **ema_settings) if genre_model else None
@@ -457,7 +458,7 @@ class Sampler:
         self.c, self.unet, self.ema, self.ema_vectors, self.mel = c, unet, ema, ema_vectors, parts.mel
         self.genres = plan.genres
         self.vqvae = parts.vqvae
-        self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
+        self.scheduler = sampling.make_scheduler(c.sample_scheduler, parts.scheduler.config)
         self.codec = MelCodec(parts.mel, device=device)
         self.reference = evaluate.embedding_statistics(evaluate.mel_embedding(ray.get(plan.holdout), parts.mel))
         self.logs = tempfile.mkdtemp(prefix="audiodiff-logs-")
@@ -474,7 +475,7 @@ class Sampler:
         self.ema.store(self.unet.parameters())
         self.ema.copy_to(self.unet.parameters())
         try:
-            images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
+            images = sampling.sample(self.unet, self.scheduler, sampling.generators(seeds, self.codec.device),
                                      mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA, vqvae=self.vqvae,
                                      **conditions)
         finally:
@@ -484,14 +485,14 @@ class Sampler:
         folder = storage.join(c.output, "samples", f"step-{step}")
         rows = []
         for seed, genre, image, clip in zip(seeds, genres, images, audio):
-            row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, "ddim", c.sample_steps,
+            row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, c.sample_scheduler, c.sample_steps,
                            f"{c.output} (EMA, step {step})", genre=genre)
             write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, PEAK_DBFS))
             rows.append(row)
         distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
                                              *self.reference)
         write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
-                                                 f"(DDIM {c.sample_steps}); Fréchet distance {distance:.2f}")
+                                                 f"({c.sample_scheduler} {c.sample_steps}); Fréchet distance {distance:.2f}")
         self.writer.add_images("samples/spectrograms", images[:, None], step, dataformats="NCHW")
         for seed, clip in zip(seeds[:4], audio):  # Griffin-Lim's output can pass 1.0: peak-normalise
             self.writer.add_audio(f"samples/{seed:02d}", clip[None] / max(1e-9, float(abs(clip).max())), step,
@@ -644,6 +645,7 @@ def run_finetune(config: TrainConfig) -> dict:
            config.sample_every, config.checkpoint_every, config.num_samples, config.sample_steps) < 1:
         raise AudiodiffError("--num-workers, --batch-size, --epochs, --grad-accum, --log-every, --sample-every, "
                              "--checkpoint-every, --num-samples and --sample-steps must be at least 1")
+    sampling.check_scheduler(config.sample_scheduler)
     if config.seed < 0 or (config.stop_at_step is not None and config.stop_at_step < 1):
         raise AudiodiffError("--seed must be at least 0 and --stop-at-step at least 1")
     if config.lr_schedule not in LR_SCHEDULES:
