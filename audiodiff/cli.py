@@ -113,7 +113,8 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     p.add_argument("--shared-path", action="store_true", help="a local --output that every node of the cluster mounts")
     sampler = p.add_argument_group("sampler and workers")
     sampler.add_argument("--scheduler", help=f"{SCHEDULER_NAMES} (default: {default_scheduler})")
-    sampler.add_argument("--karras", action="store_true", help="Karras sigmas (dpm-solver, dpm-solver-sde, unipc, heun)")
+    sampler.add_argument("--karras", action="store_true",
+                         help="Karras sigmas (dpm-solver, dpm-solver-sde, unipc, heun)")
     sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim and "
                                                    "euler-ancestral, 25 for dpm-solver(-sde) and heun (whose steps "
                                                    "evaluate the UNet twice), 20 for unipc)")

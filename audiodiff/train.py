@@ -65,7 +65,8 @@ HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the 
 OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
-                     "num_samples", "sample_scheduler", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
+                     "num_samples", "sample_scheduler", "sample_steps", "stop_at_step", "cpus_per_worker",
+                     "shared_path"}
 # Stochastic DDIM (the samples' eta): a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
@@ -447,7 +448,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class Sampler:
-    """Rank 0's view of progress: clips from the EMA weights (DDIM, fixed seeds) under
+    """Rank 0's view of progress: clips from the EMA weights (--sample-scheduler, fixed seeds) under
     `OUTPUT/samples/step-<N>/` with a gallery, their quality figure against the held-out images, and
     TensorBoard events under `OUTPUT/logs/` (scalars, spectrograms, audio)."""
 
@@ -492,7 +493,8 @@ class Sampler:
         distance = evaluate.frechet_distance(*evaluate.embedding_statistics(evaluate.mel_embedding(images, mel)),
                                              *self.reference)
         write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
-                                                 f"({c.sample_scheduler} {c.sample_steps}); Fréchet distance {distance:.2f}")
+                                                 f"({c.sample_scheduler} {c.sample_steps}); "
+                                                 f"Fréchet distance {distance:.2f}")
         self.writer.add_images("samples/spectrograms", images[:, None], step, dataformats="NCHW")
         for seed, clip in zip(seeds[:4], audio):  # Griffin-Lim's output can pass 1.0: peak-normalise
             self.writer.add_audio(f"samples/{seed:02d}", clip[None] / max(1e-9, float(abs(clip).max())), step,
