@@ -15,6 +15,9 @@ from urllib.parse import urlparse
 from audiodiff import __version__
 from audiodiff.errors import AudiodiffError
 
+# audiodiff.sampling.SAMPLERS' names, written out: the parser imports neither torch nor diffusers
+SCHEDULER_NAMES = "ddpm, ddim, dpm-solver, dpm-solver-sde, unipc, euler-ancestral or heun"
+
 
 def _preprocess_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
@@ -81,7 +84,8 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--sample-every", type=int,
                    help="optimizer steps between samples and quality figures (default: 500, and at the end)")
     p.add_argument("--num-samples", type=int, help="clips per sample step (default: 8)")
-    p.add_argument("--sample-steps", type=int, help="DDIM steps of the samples (default: 20)")
+    p.add_argument("--sample-scheduler", help=f"the samples' sampler: {SCHEDULER_NAMES} (default: ddim, eta 1)")
+    p.add_argument("--sample-steps", type=int, help="denoising steps of the samples (default: 20)")
     p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
     p.add_argument("--condition", choices=("genre",),
                    help="train one model for every genre of the data, steered at generation by --genre")
@@ -112,8 +116,12 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
     p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
     sampler = p.add_argument_group("sampler and workers")
-    sampler.add_argument("--scheduler", help=f"ddpm or ddim (default: {default_scheduler})")
-    sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    sampler.add_argument("--scheduler", help=f"{SCHEDULER_NAMES} (default: {default_scheduler})")
+    sampler.add_argument("--karras", action="store_true",
+                         help="Karras sigmas (dpm-solver, dpm-solver-sde, unipc, heun)")
+    sampler.add_argument("--steps", type=int, help="denoising steps (default: 1000 for ddpm, 50 for ddim and "
+                                                   "euler-ancestral, 25 for dpm-solver(-sde) and heun (whose steps "
+                                                   "evaluate the UNet twice), 20 for unipc)")
     sampler.add_argument("--eta", type=float, help="DDIM eta (0: deterministic sampling)")
     sampler.add_argument("--seed", type=int, help="clip seeds derive from this and what tells the clips apart")
     sampler.add_argument("--batch-size", type=int,

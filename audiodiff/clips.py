@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from diffusers import DDIMScheduler
 from ray.data.expressions import col
 
 from audiodiff import checks, devices, ownership, progress, sampling, storage
@@ -34,14 +33,13 @@ from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, is_silent
-from audiodiff.models import check_scheduler, load_mel_config, load_model, make_scheduler, model_identity
+from audiodiff.models import load_mel_config, load_model, model_identity
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \
     worker_errors
 from audiodiff.unets import clip_bytes
 
 WORK_SCHEMA = MANIFEST_SCHEMA.append(pa.field("starts", pa.list_(pa.binary())))
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
 log = logging.getLogger(__name__)
 
 # Clips per batch without --batch-size, for clips one window wide (a clip n windows wide: 1/n of them).
@@ -62,6 +60,7 @@ class ClipSettings:
     output: str
     scheduler: str = "ddpm"
     steps: int | None = None
+    karras: bool = False  # Karras sigmas, for the schedulers that take them
     eta: float = 0.0
     seed: int = 0
     batch_size: int | None = None  # clips per batch; None: by a memory budget per clip width (clips_per_batch)
@@ -79,7 +78,7 @@ class ClipSettings:
         """The checks that need no model, no data and no cluster (audiodiff.checks)."""
         self.precision = devices.resolve_precision(self.precision, self.gpu)
         checks.finite(self)
-        check_scheduler(self.scheduler)
+        sampling.check_scheduler(self.scheduler, self.karras)
         devices.check_precision(self.precision, self.gpu)
         checks.at_least(self, 1, "batch_size", "concurrency", "steps")
         checks.at_least(self, 0, "guidance")
@@ -91,14 +90,18 @@ class ClipSettings:
 
     @property
     def num_steps(self) -> int:
-        return self.steps or DEFAULT_STEPS[self.scheduler]
+        return self.steps or sampling.SAMPLERS[self.scheduler].default_steps
+
+    @property
+    def scheduler_label(self) -> str:
+        return sampling.scheduler_label(self.scheduler, self.karras)
 
     def settings(self) -> dict:
         """What a clip depends on; clips under one output must share it (`generation.json`)."""
         conditions = {"genres": self.genres, "guidance": self.guidance} if self.genres else {}
         if self.encodings:
             conditions = {"encodings": self.encodings, "guidance": self.guidance}
-        return {"model": self.model, "scheduler": self.scheduler, "steps": self.num_steps, "eta": self.eta,
+        return {"model": self.model, "scheduler": self.scheduler_label, "steps": self.num_steps, "eta": self.eta,
                 "seed": self.seed, "target_dbfs": self.target_dbfs, "precision": self.precision, **conditions}
 
     def place(self) -> None:
@@ -180,7 +183,7 @@ class ClipMaker:
         self.vqvae = parts.vqvae.to(self.device).eval() if parts.vqvae is not None else None
         self.conditioning = parts.conditioning
         self.encodings = read_encodings(config.encodings) if config.encodings else {}
-        self.scheduler = make_scheduler(config.scheduler, parts)
+        self.scheduler = sampling.make_scheduler(config.scheduler, parts.scheduler.config, config.karras)
         self.codec = MelCodec(parts.mel, device=self.device)
         self.overlap = parts.mel.frames_in(overlap) if overlap is not None else None
         self.budget = None  # bytes of accelerator memory a batch may take; None on CPU
@@ -246,7 +249,7 @@ class ClipMaker:
     def _images(self, rows: list[dict]) -> torch.Tensor:
         """uint8 [len(rows), y_res, frames] for clips of one kind, width and strength."""
         kind, frames = rows[0]["kind"], rows[0]["frames"]
-        generators = [torch.Generator().manual_seed(row["seed"]) for row in rows]
+        generators = sampling.generators([row["seed"] for row in rows], self.device)
         height, window, steps = self.codec.config.y_res, self.codec.config.x_res, self.config.num_steps
         options = self._options(rows[0])
         if kind == "interpolation":
@@ -286,7 +289,7 @@ class ClipMaker:
 
         def denoise(start: int, stop: int) -> torch.Tensor:
             chunk = audible[start:stop]
-            generators = [torch.Generator().manual_seed(rows[owner[j]]["seed"]) for j in chunk.tolist()]
+            generators = sampling.generators([rows[owner[j]]["seed"] for j in chunk.tolist()], self.device)
             return sampling.sample(
                 self.unet, self.scheduler, generators, mel.y_res, mel.x_res, self.config.num_steps,
                 start=inputs[chunk], strength=rows[0]["strength"], keep=keep[chunk] if keep[chunk].any() else None,
@@ -298,7 +301,7 @@ class ClipMaker:
 
     def _interpolated(self, rows: list[dict], generators: list[torch.Generator], options: dict) -> torch.Tensor:
         # the inversion runs the unclipped DDIM update backwards, so sampling from its noise must not clip either
-        scheduler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config, clip_sample=False)
         pngs = list(dict.fromkeys(png for row in rows for png in row["starts"]))
         noise = sampling.invert(self.unet, scheduler, _decode(pngs), self.config.num_steps,
                                 encoding=options.get("encoding"), vqvae=self.vqvae)

@@ -96,7 +96,7 @@ def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
                                              config.num_extended)):
         for index in range(count):
             rows.append(clip_row(f"{kind}-{index:05d}", clip_seed(config.seed, KINDS.index(kind), index), kind,
-                                 frames, mel, config.scheduler, config.num_steps, config.model, **columns))
+                                 frames, mel, config.scheduler_label, config.num_steps, config.model, **columns))
     return conditioned(rows, *condition_names(config.genres, config.encodings))
 
 
@@ -109,7 +109,7 @@ def run_generate(config: GenerateConfig) -> dict:
     check_conditioning(parts, config.model, config.genres, config.encodings, config.guidance)
     plan = plan_clips(config, parts)
     check_output(config, "generate")
-    title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler}, {config.num_steps} steps)"
+    title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler_label}, {config.num_steps} steps)"
     return make_clips(config, plan, work_dataset(plan, config), title, overlap=config.overlap)
 
 

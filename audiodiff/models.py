@@ -34,8 +34,8 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
 from audiodiff.unets import full_unet, tiny_unet
 
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # by the names the commands take
-_SCHEDULER_CLASSES = {cls.__name__: cls for cls in SCHEDULERS.values()}
+# a saved model names its training schedule's class; samplers are built on its config (audiodiff.sampling)
+_SCHEDULER_CLASSES = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 _UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
@@ -431,17 +431,6 @@ def _write_model_folder(parts: PipelineParts, folder: str) -> None:
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def check_scheduler(name: str) -> None:
-    if name not in SCHEDULERS:
-        raise AudiodiffError(f"--scheduler must be one of {sorted(SCHEDULERS)}, got '{name}'")
-
-
-def make_scheduler(name: str, parts: PipelineParts) -> DDPMScheduler | DDIMScheduler:
-    """The model's noise schedule under the sampler `name` (ddpm or ddim)."""
-    check_scheduler(name)
-    return SCHEDULERS[name].from_config(parts.scheduler.config)
 
 
 def load_mel_config(name: str) -> MelConfig:

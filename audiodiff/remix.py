@@ -92,7 +92,8 @@ class InterpolateConfig(ClipSettings):
         if len(self.sources) != 2:
             raise AudiodiffError(f"interpolate takes two clips, A and B; got {len(self.sources)}")
         if self.scheduler != "ddim":
-            raise AudiodiffError("interpolate inverts the clips with DDIM: use --scheduler ddim")
+            raise AudiodiffError(f"--scheduler {self.scheduler}: interpolate inverts the clips with DDIM, which "
+                                 "samples from the inverted noise too; use --scheduler ddim")
         checks.at_least(self, 2, "points")
 
     def settings(self) -> dict:
@@ -107,7 +108,7 @@ def _check_sources(config: ClipSettings) -> None:
 def _input_row(name: str, source: str, slice_index: int | None, frames: int, config: ClipSettings,
                mel: MelConfig) -> dict:
     """The clip of an input as it is (strength 0), rendered for the gallery to play beside its outputs."""
-    return clip_row(f"{name}-input", 0, "input", frames, mel, config.scheduler, config.num_steps, config.model,
+    return clip_row(f"{name}-input", 0, "input", frames, mel, config.scheduler_label, config.num_steps, config.model,
                     strength=0.0, source=source, slice=slice_index)
 
 
@@ -147,7 +148,7 @@ def _remix_rows(track: dict, config: RemixConfig, mel: MelConfig) -> list[dict]:
         rows.append({**source, **starts})
         for k in range(config.variations):
             rows.append({**clip_row(f"{name}-v{k:02d}", clip_seed(config.seed, k), "remix", frames, mel,
-                                    config.scheduler, config.num_steps, config.model, strength=config.strength,
+                                    config.scheduler_label, config.num_steps, config.model, strength=config.strength,
                                     keep_start=config.keep_start, keep_end=config.keep_end,
                                     input_wav=source["wav"], input_png=source["png"], **common), **starts})
     return rows
@@ -170,7 +171,7 @@ def _continue_rows(track: dict, config: ContinueConfig, mel: MelConfig) -> list[
     name, common = track_id(track["source"]), {"source": track["source"], "slice": track["slices"][-1]}
     source = _input_row(name, track["source"], track["slices"][-1], mel.x_res, config, mel)
     continued = clip_row(f"{name}-continued", clip_seed(config.seed, zlib.crc32(track["source"].encode())),
-                         "continuation", mel.width_for_seconds(config.seconds), mel, config.scheduler,
+                         "continuation", mel.width_for_seconds(config.seconds), mel, config.scheduler_label,
                          config.num_steps, config.model, seconds=config.seconds, input_wav=source["wav"],
                          input_png=source["png"], **common)
     return [{**source, **starts}, {**continued, **starts}]
@@ -202,7 +203,7 @@ def run_interpolate(config: InterpolateConfig) -> dict:
     pair = [track["pngs"][0] for track in ends]
     for i in range(config.points):
         rows.append({**clip_row(f"interpolation-{i:03d}", clip_seed(config.seed, i), "interpolation", mel.x_res,
-                                mel, config.scheduler, config.num_steps, config.model,
+                                mel, config.scheduler_label, config.num_steps, config.model,
                                 position=i / (config.points - 1)), "starts": pair})
     rows = conditioned(rows, *condition_names(config.genres, config.encodings))
     plan = [{k: v for k, v in row.items() if k != "starts"} for row in rows]

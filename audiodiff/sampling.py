@@ -1,5 +1,5 @@
 """The denoising loop, in one pure-torch module (no Ray, no I/O), for any batch size and width: the home of
-every way of denoising.
+every way of denoising, of the samplers the commands name and of their defaults.
 
 `sample` runs a diffusers scheduler's reverse process over a batch in which every item has its own
 `torch.Generator`: its starting noise and every noise draw of the sampler come from it, so an item is the
@@ -16,15 +16,84 @@ plain noise-to-image loop:
 Beside it: `invert` (DDIM inversion, image -> noise), `slerp`, and `continue_images` (long images, window
 after window, each outpainted from the end of the one before).
 Images are uint8 [batch, height, width] in and out, as the mel codec makes and takes them.
+
+No host-device synchronisation inside the loop: the UNet gets timesteps moved to the device once, the
+re-noising of kept frames uses scales computed before the loop, and the noise comes from generators on the
+model's device (`generators`), so a GPU runs step after step without waiting on the host. Known exception:
+UniPC's corrector solves a 2x2 linear system on the device at each step (inside diffusers), whose error
+check syncs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       HeunDiscreteScheduler, UniPCMultistepScheduler)
 
 from audiodiff.errors import AudiodiffError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A sampler the commands name: a diffusers scheduler class, its settings, and the steps it takes by default."""
+
+    scheduler: type
+    default_steps: int
+    settings: tuple[tuple[str, object], ...] = ()  # overrides of the model's scheduler config
+    karras: bool = False  # takes use_karras_sigmas
+
+
+SAMPLERS = {
+    "ddpm": Sampler(DDPMScheduler, 1000),
+    "ddim": Sampler(DDIMScheduler, 50),
+    "dpm-solver": Sampler(DPMSolverMultistepScheduler, 25, (("algorithm_type", "dpmsolver++"), ("solver_order", 2)),
+                          karras=True),
+    # DPM-Solver++ 2M SDE: stochastic like DPMSolverSDEScheduler but drawing its noise from our generators, and
+    # without torchsde (whose Brownian tree is seeded per batch, not per clip)
+    "dpm-solver-sde": Sampler(DPMSolverMultistepScheduler, 25,
+                              (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)), karras=True),
+    "unipc": Sampler(UniPCMultistepScheduler, 20, karras=True),
+    "euler-ancestral": Sampler(EulerAncestralDiscreteScheduler, 50),
+    "heun": Sampler(HeunDiscreteScheduler, 25, karras=True),  # two UNet evaluations per step but the last
+}
+
+
+def check_scheduler(name: str, karras: bool = False) -> None:
+    if name not in SAMPLERS:
+        raise AudiodiffError(f"--scheduler must be one of {', '.join(SAMPLERS)}, got '{name}'")
+    if karras and not SAMPLERS[name].karras:
+        raise AudiodiffError(f"--karras: the {name} scheduler has no Karras sigmas; drop --karras or use one of "
+                             f"{', '.join(n for n, s in SAMPLERS.items() if s.karras)}")
+
+
+def make_scheduler(name: str, model_config, karras: bool = False):
+    """The sampler `name` on a model's noise schedule (its scheduler's config: betas, prediction type ...)."""
+    check_scheduler(name, karras)
+    sampler = SAMPLERS[name]
+    return sampler.scheduler.from_config(model_config, **dict(sampler.settings),
+                                         **({"use_karras_sigmas": True} if karras else {}))
+
+
+def scheduler_label(name: str, karras: bool) -> str:
+    """The sampler as the manifest records it."""
+    return f"{name}+karras" if karras else name
+
+
+def unet_evaluations(scheduler, steps: int, strength: float = 1.0, guided: bool = False) -> int:
+    """UNet evaluations per clip: one per entry of the schedule run (Heun has two per step but the last),
+    twice with classifier-free guidance."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    run = len(probe.timesteps) - skipped_steps(steps, strength) * probe.order
+    return max(run, 0) * (2 if guided else 1)
+
+
+def generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per clip, on the device that runs the model: its draws need no copy to that device."""
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
@@ -38,8 +107,8 @@ def to_images(sample: torch.Tensor) -> torch.Tensor:
 
 
 def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """One noise tensor of `shape` per generator, drawn on the CPU, so a clip's noise is the same on any device."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    """One noise tensor of `shape` per generator, drawn where the generator lives."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 def latent_shape(unet, vqvae, height: int, width: int) -> tuple[int, int, int]:
@@ -90,12 +159,15 @@ def sample(unet, scheduler, generators: list[torch.Generator], height: int, widt
            noise: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise one batch (one item per generator) of `height` x `width` images; uint8 [batch, height, width].
 
-    `start`: uint8 [batch, height, width]; `keep`: bool [width] or [batch, width] (frames kept from `start`);
-    `encoding`/`null_encoding`: [batch or 1, 1, dim]; `noise`: [batch, *latent_shape]. The scheduler is set to
-    `steps` here."""
+    `scheduler`: any of SAMPLERS' (a template: each call runs a fresh copy, since multistep schedulers keep
+    state); `generators`: on the model's device for a sync-free loop; `start`: uint8 [batch, height, width];
+    `keep`: bool [width] or [batch, width] (frames kept from `start`); `encoding`/`null_encoding`:
+    [batch or 1, 1, dim]; `noise`: [batch, *latent_shape]."""
     device = next(unet.parameters()).device
+    scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps[skipped_steps(steps, strength) if start is not None else 0:]
+    skip = skipped_steps(steps, strength) * scheduler.order if start is not None else 0
+    timesteps = scheduler.timesteps[skip:]
     shape = latent_shape(unet, vqvae, height, width)
     if noise is None:
         noise = initial_noise(generators, shape, device)
@@ -106,32 +178,51 @@ def sample(unet, scheduler, generators: list[torch.Generator], height: int, widt
         if start.shape != (len(generators), height, width):
             raise AudiodiffError(f"start images are {tuple(start.shape)}; expected {(len(generators), height, width)}")
         start_latents = encode_images(vqvae, start.to(device))
+        levels = noise_levels(scheduler, skip).to(device)
     elif keep is not None:
         raise AudiodiffError("frames can be kept only from a start image")
-    if start is None or len(timesteps) == scheduler.timesteps.numel():
+    if start is None or skip == 0:
         latents = noise * scheduler.init_noise_sigma
-    elif len(timesteps):
-        latents = scheduler.add_noise(start_latents, noise, timesteps[:1])
     else:
-        latents = start_latents
+        latents = levels[0, 0] * start_latents + levels[0, 1] * noise
     keep_latent = _latent_keep(keep, latents.shape[-1], width).to(device) if keep is not None else None
     if encoding is not None:
         encoding = encoding.to(device, unet.dtype).expand(len(generators), -1, -1)
         if null_encoding is not None:
             null_encoding = null_encoding.to(device, unet.dtype).expand(len(generators), -1, -1)
     step_args = {"eta": eta} if "eta" in _step_parameters(scheduler) else {}
+    if "generator" in _step_parameters(scheduler):
+        step_args["generator"] = generators
+    unet_timesteps = timesteps.to(device)  # else the UNet copies a host scalar to the device at every step
+    if isinstance(scheduler, UniPCMultistepScheduler):  # it would copy its sigmas to the device at every step
+        scheduler.sigmas = scheduler.sigmas.to(device)
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, t)
-        noise_prediction = predict_noise(unet, model_input, t, encoding, null_encoding, guidance)
-        latents = scheduler.step(noise_prediction, t, latents, generator=generators, **step_args).prev_sample
-        if keep_latent is not None:
-            following = timesteps[i + 1:i + 2]
-            kept = scheduler.add_noise(start_latents, noise, following) if len(following) else start_latents
-            latents = torch.where(keep_latent, kept, latents)
+        noise_prediction = predict_noise(unet, model_input, unet_timesteps[i], encoding, null_encoding, guidance)
+        latents = scheduler.step(noise_prediction, t, latents, **step_args).prev_sample
+        if keep_latent is not None:  # kept frames re-noised to the level the step has just reached
+            latents = torch.where(keep_latent, levels[i + 1, 0] * start_latents + levels[i + 1, 1] * noise, latents)
     images = to_images(decode_latents(vqvae, latents))
     if keep is not None:  # a latent model's decoder only approximates the input: take kept frames from it
         images = torch.where(_pixel_keep(keep, images.shape, images.device), start.to(images.device), images)
     return images
+
+
+def noise_levels(scheduler, skip: int) -> torch.Tensor:
+    """[entries run + 1, 2]: (scale of the image, scale of the noise) of the latents before each entry of the
+    schedule from `skip` on, and after the last (1, 0: clean), from the scheduler's own `add_noise` (linear in
+    both), so that a re-noised input lies in each scheduler's space (sigma-scaled for Euler and Heun, variance
+    preserving for the others). Sets the scheduler's begin index to `skip`, as image-to-image needs."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    levels = []
+    for k in range(skip, len(scheduler.timesteps)):
+        if hasattr(scheduler, "set_begin_index"):  # sigma-based schedulers look their sigma up by this index
+            scheduler.set_begin_index(k)
+        t = scheduler.timesteps[k:k + 1]
+        levels.append(torch.cat([scheduler.add_noise(one, zero, t), scheduler.add_noise(zero, one, t)]))
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(skip)
+    return torch.stack([*levels, torch.tensor([1.0, 0.0])]).float()
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ from audiodiff.errors import AudiodiffError
 from audiodiff.metrics import (embedding_statistics, frechet_distance, halves, kernel_distance, median_bandwidth,
                                mel_embedding)
 from audiodiff.mel import MelCodec
-from audiodiff.models import Conditioning, PipelineParts, load_model, make_scheduler, save_model
+from audiodiff.models import Conditioning, PipelineParts, load_model, save_model
 from audiodiff.outputs import PEAK_DBFS, clip_row, encode_clip, write_clip, write_manifest_and_gallery
 from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, largest_node, require_gpus,
                                smallest_object_store, worker_errors)
@@ -73,11 +73,13 @@ HOLDOUT_FRACTION, MAX_HOLDOUT = 0.1, 256  # images kept out of training for the 
 OBJECT_STORE_SHARE = 0.25  # a dataset up to this share of the object store is held in it for the whole run
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
-                     "num_samples", "sample_steps", "stop_at_step", "cpus_per_worker", "shared_path"}
+                     "num_samples", "sample_scheduler", "sample_steps", "stop_at_step", "cpus_per_worker",
+                     "shared_path"}
+# Stochastic DDIM (the samples' eta): a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # These may change on --resume as long as the global batch (batch_size x num_workers x grad_accum) stays.
 WORLD_CHANGES = {"num_workers", "grad_accum"}
 GRAD_COMPRESSIONS = ("none", "bf16")
-# Stochastic DDIM for the samples: a briefly trained model's deterministic (eta 0) DDIM samples are noise
+# Stochastic DDIM (the samples' eta): a briefly trained model's deterministic (eta 0) DDIM samples are noise
 # texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
 log = logging.getLogger(__name__)
@@ -108,7 +110,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500  # optimizer steps; samples and the quality figure also come at the end
     num_samples: int = 8
-    sample_steps: int = 20  # DDIM steps of the samples
+    sample_scheduler: str = "ddim"  # the samples' sampler (audiodiff.sampling.SAMPLERS)
+    sample_steps: int = 20
     seed: int = 0
     genres: list[str] = dataclasses.field(default_factory=list)
     condition: str | None = None  # "genre": one model for every genre of the data, steerable by --genre
@@ -133,6 +136,7 @@ class TrainConfig:
         checks.positive(self, "lr", "cpus_per_worker")
         checks.one_of(self, "lr_schedule", sorted(LR_SCHEDULES))
         checks.one_of(self, "grad_compression", GRAD_COMPRESSIONS)
+        sampling.check_scheduler(self.sample_scheduler)
         if self.condition not in (None, "genre"):
             raise AudiodiffError(f"--condition must be 'genre', got '{self.condition}'")
         if not 0 <= self.label_dropout < 1:
@@ -396,7 +400,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unet = parts.unet.to(device).train()
     genre_model = GenreConditioned(unet, _initial_vectors(parts, plan.genres, c.seed)).to(device) if plan.genres else None
     trained = genre_model or unet  # what the optimizer and DDP see
-    noise_scheduler = make_scheduler("ddpm", parts)
+    noise_scheduler = sampling.make_scheduler("ddpm", parts.scheduler.config)
     ema_settings = dict(decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_settings)
     ema_vectors = EMAModel([genre_model.vectors], **ema_settings) if genre_model else None
@@ -498,7 +502,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class Sampler:
-    """Rank 0's view of progress: clips from the EMA weights (DDIM, fixed seeds) under
+    """Rank 0's view of progress: clips from the EMA weights (--sample-scheduler, fixed seeds) under
     `OUTPUT/samples/step-<N>/` with a gallery, their quality figure against the held-out images, and
     TensorBoard events under `OUTPUT/logs/` (scalars, spectrograms, audio)."""
 
@@ -509,7 +513,7 @@ class Sampler:
         self.c, self.unet, self.ema, self.ema_vectors, self.mel = c, unet, ema, ema_vectors, parts.mel
         self.genres = plan.genres
         self.vqvae, self.device = parts.vqvae, device
-        self.scheduler = make_scheduler("ddim", parts)  # with eta 1: see SAMPLE_ETA
+        self.scheduler = sampling.make_scheduler(c.sample_scheduler, parts.scheduler.config)
         self.codec = MelCodec(parts.mel, device=device)
         images = ray.get(plan.holdout)
         held = mel_embedding(images, parts.mel)
@@ -537,7 +541,7 @@ class Sampler:
         self.unet.eval()  # as the exported model runs (dropout off), in the run's precision
         try:
             with devices.autocast(self.device, c.precision):
-                images = sampling.sample(self.unet, self.scheduler, [torch.Generator().manual_seed(s) for s in seeds],
+                images = sampling.sample(self.unet, self.scheduler, sampling.generators(seeds, self.device),
                                          mel.y_res, mel.x_res, c.sample_steps, eta=SAMPLE_ETA, vqvae=self.vqvae,
                                          **conditions)
         finally:
@@ -548,7 +552,7 @@ class Sampler:
         folder = storage.join(c.output, "samples", f"step-{step}")
         rows = []
         for seed, genre, image, clip in zip(seeds, genres, images, audio):
-            row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, "ddim", c.sample_steps,
+            row = clip_row(f"sample-{seed:02d}", seed, "standard", mel.x_res, mel, c.sample_scheduler, c.sample_steps,
                            f"{c.output} (EMA, step {step})", genre=genre)
             write_clip(folder, row["wav"], row["png"], *encode_clip(image, clip, mel.sample_rate, PEAK_DBFS))
             rows.append(row)
@@ -557,8 +561,8 @@ class Sampler:
                    "kernel_distance": kernel_distance(vectors, self.held, self.bandwidth,
                                                       _image_groups(len(vectors), len(images)), self.groups),
                    **self.floors}
-        write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights (DDIM "
-                                                 f"{c.sample_steps}); Fréchet distance "
+        write_manifest_and_gallery(folder, rows, f"step {step}: {len(rows)} samples from the EMA weights "
+                                                 f"({c.sample_scheduler} {c.sample_steps}); Fréchet distance "
                                                  f"{figures['frechet_distance']:.2f} (floor "
                                                  f"{figures.get('frechet_floor', float('nan')):.2f}), kernel "
                                                  f"distance {figures['kernel_distance']:.4f}")

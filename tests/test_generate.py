@@ -79,6 +79,14 @@ def test_right_number_of_clips_of_the_right_lengths(tiny_model, made):
     assert all(f'src="{r["wav"]}"' in page and f'src="{r["png"]}"' in page for r in rows)
 
 
+def test_a_new_sampler_makes_clips_and_the_manifest_names_it(local_ray, tiny_model, tmp_path):
+    assert main(["generate", "--model", tiny_model, "--output", str(tmp_path / "o"), "--scheduler", "dpm-solver-sde",
+                 "--karras", "--steps", "3", "--num-clips", "2"]) == 0
+    rows = manifest(tmp_path / "o")
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [("dpm-solver-sde+karras", 3)] * 2
+    assert not np.array_equal(image(tmp_path / "o", rows[0]["clip_id"]), image(tmp_path / "o", rows[1]["clip_id"]))
+
+
 def test_same_clip_at_any_batch_size_and_number_of_actors(local_ray, tiny_model, tmp_path):
     # fp32's contract: a lone actor takes both cores (clips.cpu_threads), two take one each, and bf16's rounding
     # differs between thread counts, which this untrained model amplifies (tests/test_precision.py: bf16's, fitted)
@@ -206,6 +214,7 @@ def test_an_actor_killed_mid_batch_is_restarted_no_partial_file_is_ever_visible_
     (["--num-clips", "0"], "nothing to generate"),
     (["--num-extended", "1", "--extend-factor", "1.0625"], "68 frames; the model halves the width 3 times"),
     (["--scheduler", "pndm"], "--scheduler must be one of"),
+    (["--scheduler", "ddim", "--karras"], "--karras: the ddim scheduler has no Karras sigmas"),
     (["--gpu", "--concurrency", "2"], "--gpu with --concurrency 2 needs 2 GPUs; the Ray cluster has 0, autoscaling"),
     (["--gpu"], "--gpu with --concurrency 1 needs 1 GPUs; the Ray cluster has 0"),  # the default: at least one actor
     (["--gpu", "--concurrency", "3", "--gpus-per-actor", "0.5"], "--gpus-per-actor 0.5 needs 1.5 GPUs"),

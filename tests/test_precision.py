@@ -40,7 +40,7 @@ def fitted_model(tmp_path_factory):
     codec = MelCodec(parts.mel)
     data = sampling.to_model_space(torch.cat([codec.audio_to_images(synthesize(genre, 3.0, seed=seed))
                                               for genre in GENRES for seed in range(2)]))
-    scheduler = models.make_scheduler("ddpm", parts)
+    scheduler = sampling.make_scheduler("ddpm", parts.scheduler.config)
     optimizer = torch.optim.AdamW(parts.unet.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):

@@ -158,7 +158,7 @@ def test_interpolation_runs_from_one_input_to_the_other(local_ray, tiny_model, t
     # each end is DDIM sampling from its input's inverted noise (how closely that comes back to the input is
     # a property of the model, proven with an exact denoiser in test_sampling.py)
     parts = models.load_model(tiny_model)
-    scheduler = models.make_scheduler("ddim", parts)
+    scheduler = sampling.make_scheduler("ddim", parts.scheduler.config)
     scheduler.register_to_config(clip_sample=False)
     inputs = {r["source"].rsplit("/", 1)[-1]: image(out, r["png"]) for r in manifest.values() if r["kind"] == "input"}
     for end, name in ((points[0], "drone.wav"), (points[-1], "beats.wav")):
