@@ -153,9 +153,11 @@ def device_name(device: torch.device) -> str:
 
 def device_record(device: torch.device, precision: str) -> dict:
     """What generation.json records of the device an actor made its clips on: its name, the precision of the
-    denoising, and whether torch let fp32 matmuls and convolutions run as TF32 (on GPUs from Ampere)."""
-    return {"device": device_name(device), "precision": precision, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    denoising, and how torch ran fp32 matmuls and convolutions ("ieee", or "tf32" on GPUs from Ampere). Read through
+    the fp32_precision API that audiodiff.devices sets: the legacy allow_tf32 flags raise once it is used."""
+    return {"device": device_name(device), "precision": precision,
+            "fp32_matmul": torch.backends.cuda.matmul.fp32_precision,
+            "fp32_conv": torch.backends.cudnn.conv.fp32_precision}
 
 
 def clip_seed(*keys: int) -> int:

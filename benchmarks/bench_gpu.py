@@ -131,7 +131,7 @@ def machine(run: Run) -> None:
     run.emit("machine", device=name, torch=torch.__version__, cuda=torch.version.cuda,
              memory_gib=torch.cuda.get_device_properties(run.device).total_memory / 2 ** 30
              if run.device.type == "cuda" else None, bf16_peak_tflops=run.peak / 1e12 if run.peak else None,
-             tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+             fp32_matmul=torch.backends.cuda.matmul.fp32_precision, fp32_conv=torch.backends.cudnn.conv.fp32_precision,
              precision=run.precision)
 
 

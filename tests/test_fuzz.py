@@ -36,18 +36,25 @@ def damaged(per_format: int, seed: int = 0) -> dict[str, bytes]:
     files = {}
     for ext, data in originals.items():
         for n in range(per_format):
-            damage = ("truncated", "bit-flipped", "spliced")[n % 3]
-            if damage == "truncated":
-                out = data[: rng.integers(0, len(data))]
-            elif damage == "bit-flipped":
-                out = bytearray(data)
-                for position in rng.integers(0, len(data), size=rng.integers(1, 16)):
-                    out[position] ^= 1 << rng.integers(0, 8)
-            else:  # the head of this file, the tail of another (perhaps of another format)
-                other = list(originals.values())[rng.integers(0, len(originals))]
-                out = data[: rng.integers(0, len(data))] + other[rng.integers(0, len(other)):]
-            files[f"{n:03d}-{damage}.{ext}"] = bytes(out)
+            # spliced onto the tail of another file, perhaps of another format
+            damage, out = damaged(data, n, rng, 16, lambda: list(originals.values())[rng.integers(0, len(originals))])
+            files[f"{n:03d}-{damage}.{ext}"] = out
     return files
+
+
+def damaged(data: bytes, n: int, rng, most_flips: int, other) -> tuple[str, bytes]:
+    """The nth damage of `data` (its name, its bytes): truncated, bit-flipped, or its head spliced onto the tail of
+    `other()`."""
+    damage = ("truncated", "bit-flipped", "spliced")[n % 3]
+    if damage == "truncated":
+        return damage, data[: rng.integers(0, len(data))]
+    if damage == "bit-flipped":
+        out = bytearray(data)
+        for position in rng.integers(0, len(data), size=rng.integers(1, most_flips)):
+            out[position] ^= 1 << rng.integers(0, 8)
+        return damage, bytes(out)
+    tail = other()
+    return damage, data[: rng.integers(0, len(data))] + tail[rng.integers(0, len(tail)):]
 
 
 def test_every_damaged_file_decodes_or_is_rejected_naming_it():
@@ -130,17 +137,8 @@ def damaged_pngs(count: int, seed: int = 0) -> dict[str, bytes]:
     original = _png(rng.integers(0, 256, (64, 64), dtype=np.uint8))
     files = {}
     for n in range(count):
-        damage = ("truncated", "bit-flipped", "spliced")[n % 3]
-        if damage == "truncated":
-            out = original[: rng.integers(0, len(original))]
-        elif damage == "bit-flipped":
-            out = bytearray(original)
-            for position in rng.integers(0, len(original), size=rng.integers(1, 8)):
-                out[position] ^= 1 << rng.integers(0, 8)
-        else:
-            other = _png(rng.integers(0, 256, (64, 128), dtype=np.uint8))
-            out = original[: rng.integers(0, len(original))] + other[rng.integers(0, len(other)):]
-        files[f"{n:03d}-{damage}.png"] = bytes(out)
+        damage, out = damaged(original, n, rng, 8, lambda: _png(rng.integers(0, 256, (64, 128), dtype=np.uint8)))
+        files[f"{n:03d}-{damage}.png"] = out
     jpeg = io.BytesIO()
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(jpeg, format="JPEG")
     files.update({"bomb-9500.png": _with_header_size(original, 9500, 9500),  # 462 MiB once decoded

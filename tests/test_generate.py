@@ -285,8 +285,7 @@ def test_generation_json_records_the_device_and_precision_the_clips_were_made_wi
     recorded = json.loads((made / "generation.json").read_text())
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     assert recorded["made_on"] == [{"device": cpu, "precision": recorded["precision"],
-                                    "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-                                    "tf32_cudnn": torch.backends.cudnn.allow_tf32}]
+                                    "fp32_matmul": "ieee", "fp32_conv": "ieee"}]
 
 
 def test_clips_per_batch_follow_a_memory_budget_per_width():
