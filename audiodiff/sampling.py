@@ -73,6 +73,9 @@ def make_scheduler(name: str, model_config, karras: bool = False):
     """The sampler `name` on a model's noise schedule (its scheduler's config: betas, prediction type ...)."""
     check_scheduler(name, karras)
     sampler = SAMPLERS[name]
+    # diffusers' from_config leaves out the values a config lists as its class's defaults (a fresh preset's), which
+    # would give another class its own betas and spacing: the model's values hold for every sampler
+    model_config = {k: v for k, v in dict(model_config).items() if k != "_use_default_values"}
     return sampler.scheduler.from_config(model_config, **dict(sampler.settings),
                                          **({"use_karras_sigmas": True} if karras else {}))
 

@@ -205,8 +205,9 @@ def test_a_local_output_is_refused_before_work_on_a_cluster_of_more_than_one_nod
 
     check_paths_reachable(False, str(tmp_path / "out"))  # one node, no autoscaler: a local path is fine
     with autoscaler_groups():  # a head now, worker nodes when jobs ask for them
-        for stage, args in (("preprocess", [str(tmp_path), "--model", "tiny"]),
-                            ("finetune", ["--data", str(tmp_path), "--model", "tiny"])):
+        (tmp_path / "in").mkdir()  # beside the outputs: a source holding its output is refused first (ownership)
+        for stage, args in (("preprocess", [str(tmp_path / "in"), "--model", "tiny"]),
+                            ("finetune", ["--data", str(tmp_path / "in"), "--model", "tiny"])):
             assert main([stage, *args, "--output", str(tmp_path / stage)]) == 1
             error = capsys.readouterr().err
             assert f"{tmp_path / stage}: a local path, but the Ray cluster has 1 nodes and can add more" in error

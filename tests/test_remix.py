@@ -175,7 +175,8 @@ def test_interpolation_runs_from_one_input_to_the_other(local_ray, tiny_model, t
     ({"sources": []}, "give at least one SOURCE"),
 ])
 def test_bad_remix_settings_are_refused_before_work(tiny_model, tmp_path, change, message):
-    config = {"model": tiny_model, "output": str(tmp_path / "out"), "sources": [str(tmp_path)], **change}
+    (tmp_path / "in").mkdir()  # beside the output: a source holding the output is refused first (ownership)
+    config = {"model": tiny_model, "output": str(tmp_path / "out"), "sources": [str(tmp_path / "in")], **change}
     with pytest.raises(AudiodiffError, match=message):
         run_remix(RemixConfig(**config))
     assert not (tmp_path / "out").exists()
