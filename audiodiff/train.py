@@ -481,7 +481,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # Ray Train's workers log through the root logger; a print() there comes out twice (Ray 2.60).
                 log.info(f"step {step}/{plan.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                          f"{metrics['images_per_second']:.1f} images/s{left}"
-                         + (f"  quality: Fréchet distance {metrics['frechet_distance']:.2f} (floor "
+                         + (f"  quality (Fréchet distance) {metrics['frechet_distance']:.2f} (floor "
                             f"{metrics.get('frechet_floor', float('nan')):.2f}), kernel distance "
                             f"{metrics['kernel_distance']:.4f}" if "frechet_distance" in metrics else ""))
                 samples.log_scalars(metrics)
