@@ -37,12 +37,12 @@ def damaged(per_format: int, seed: int = 0) -> dict[str, bytes]:
     for ext, data in originals.items():
         for n in range(per_format):
             # spliced onto the tail of another file, perhaps of another format
-            damage, out = damaged(data, n, rng, 16, lambda: list(originals.values())[rng.integers(0, len(originals))])
+            damage, out = damage_bytes(data, n, rng, 16, lambda: list(originals.values())[rng.integers(0, len(originals))])
             files[f"{n:03d}-{damage}.{ext}"] = out
     return files
 
 
-def damaged(data: bytes, n: int, rng, most_flips: int, other) -> tuple[str, bytes]:
+def damage_bytes(data: bytes, n: int, rng, most_flips: int, other) -> tuple[str, bytes]:
     """The nth damage of `data` (its name, its bytes): truncated, bit-flipped, or its head spliced onto the tail of
     `other()`."""
     damage = ("truncated", "bit-flipped", "spliced")[n % 3]
@@ -137,7 +137,7 @@ def damaged_pngs(count: int, seed: int = 0) -> dict[str, bytes]:
     original = _png(rng.integers(0, 256, (64, 64), dtype=np.uint8))
     files = {}
     for n in range(count):
-        damage, out = damaged(original, n, rng, 8, lambda: _png(rng.integers(0, 256, (64, 128), dtype=np.uint8)))
+        damage, out = damage_bytes(original, n, rng, 8, lambda: _png(rng.integers(0, 256, (64, 128), dtype=np.uint8)))
         files[f"{n:03d}-{damage}.png"] = out
     jpeg = io.BytesIO()
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(jpeg, format="JPEG")
