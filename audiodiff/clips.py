@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import typing
 
 import numpy as np
@@ -140,22 +139,11 @@ def cpu_threads(concurrency: int) -> int:
     return max(1, math.floor(min(cores) / -(-concurrency // len(cores))))
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name (Linux; elsewhere what the platform reports)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def device_record(device: torch.device, precision: str) -> dict:
     """What generation.json records of the device an actor made its clips on: its name, the precision of the
     denoising, and how torch ran fp32 matmuls and convolutions ("ieee", or "tf32" on GPUs from Ampere). Read through
     the fp32_precision API that audiodiff.devices sets: the legacy allow_tf32 flags raise once it is used."""
-    return {"device": device_name(device), "precision": precision,
+    return {"device": devices.device_name(device), "precision": precision,
             "fp32_matmul": torch.backends.cuda.matmul.fp32_precision,
             "fp32_conv": torch.backends.cudnn.conv.fp32_precision}
 
@@ -237,7 +225,7 @@ class ClipMaker:
             except torch.OutOfMemoryError:
                 if stop - start == 1:
                     raise AudiodiffError(f"{self.config.model}: one clip {width} frames wide does not fit in the "
-                                         f"memory of {device_name(self.device)}; make narrower clips "
+                                         f"memory of {devices.device_name(self.device)}; make narrower clips "
                                          "(--extend-factor) or use a GPU with more memory") from None
                 self.batch_sizes[width] = (stop - start) // 2
                 log.warning("a batch of %d clips %d frames wide ran out of accelerator memory; trying %d at a time",

@@ -38,6 +38,7 @@ import contextlib
 import functools
 import logging
 import math
+import platform
 import subprocess
 
 import torch
@@ -168,3 +169,17 @@ def check_gpu_visible(asked_by: str) -> str | None:
     device = torch.cuda.current_device()
     return (f"{asked_by}: GPU {assigned} is cuda:{device}, {torch.cuda.get_device_name(device)}, "
             f"NVIDIA driver {driver or 'unknown'}, torch {torch.__version__} (CUDA {cuda})")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

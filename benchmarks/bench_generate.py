@@ -37,7 +37,7 @@ from audiodiff.clips import ClipMaker
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.runtime import init_ray
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 

@@ -25,7 +25,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from audiodiff import sampling
 from audiodiff.train import LatentEncoder
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def tiny_latent_pipeline(folder: str) -> None:

@@ -27,7 +27,7 @@ from audiodiff.audio import resample
 from audiodiff.encode import png_bytes, png_image
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.synth import GENRES, synthesize
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def best_of(fn, repeats: int) -> float:

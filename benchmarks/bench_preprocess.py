@@ -42,7 +42,7 @@ from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def notebook_path(files: list[str], mel: Mel) -> None:

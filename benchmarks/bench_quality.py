@@ -40,7 +40,7 @@ from audiodiff.models import load_model, make_scheduler
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.train import TrainConfig, run_finetune
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 RATE = 22050
 REFERENCE = ("ddpm", 1000)

@@ -26,7 +26,7 @@ from audiodiff import models
 from audiodiff.remix import RemixConfig, run_remix
 from audiodiff.runtime import init_ray
 from audiodiff.synth import synthesize
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def reference(folder: str, tracks: list[str], steps: int, strength: float, out: str) -> int:

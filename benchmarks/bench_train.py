@@ -34,7 +34,7 @@ from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
 from audiodiff.dataset import read_spectrograms, spectrogram_files
 from audiodiff.train import TrainConfig, run_finetune
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def plain_loop(images: torch.Tensor, preset: str, batch_size: int, steps: int, threads: int) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from audiodiff.mel import MelCodec, MelConfig
-from machine import cpu_name
+from audiodiff.devices import cpu_name
 
 
 def rss_mib() -> float:
