@@ -36,7 +36,8 @@ from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
 from audiodiff.encode import wav_bytes
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.generate import GenerateConfig, run_generate
-from audiodiff.models import load_model, make_scheduler
+from audiodiff.models import load_model
+from audiodiff.sampling import make_scheduler, unet_evaluations
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.train import TrainConfig, run_finetune
@@ -78,10 +79,9 @@ def preprocess(work: str, part: str, preset: str) -> str:
 
 
 def evaluations(model: str, scheduler: str, steps: int, guidance: float) -> int:
-    """UNet evaluations per clip: the sampling loop runs the UNet once per timestep (twice with guidance)."""
-    schedule = make_scheduler(scheduler, load_model(model))
-    schedule.set_timesteps(steps)
-    return len(schedule.timesteps) * (2 if guidance != 1 else 1)
+    """UNet evaluations per clip of one sampler and step count (twice with guidance)."""
+    return unet_evaluations(make_scheduler(scheduler, load_model(model).scheduler.config), steps,
+                            guided=guidance != 1)
 
 
 def clips_and_score(work: str, model: str, name: str, scheduler: str, steps: int, args, genres: list[str] | None,
