@@ -33,13 +33,6 @@ STANDARD_SECONDS = 63 * 512 / 22050  # the tiny model: 64 frames
 EXTENDED_SECONDS = 255 * 512 / 22050  # 4 x 64 frames, as 256-frame standard clips of the full model
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    models.save_model(models.new_model("tiny"), str(folder))
-    return str(folder)
-
-
 def generate(model, output, *args):
     assert main(["generate", "--model", model, "--output", str(output), *FAST, *map(str, args)]) == 0
 

@@ -50,15 +50,6 @@ def expected_slices(path) -> int:
     return sum(image.min() < 255 for image in images)
 
 
-@pytest.fixture
-def genre_folder(tmp_path):
-    root = tmp_path / "music"
-    for genre, seconds in (("drone", 7.3), ("beats", 4.1), ("arpeggio", 10.0)):
-        for i, ext in enumerate(("wav", "flac", "ogg", "mp3")):
-            write(root / genre / f"{genre} {i}.{ext}", synthesize(genre, seconds + i, 44100, seed=i))
-    return root
-
-
 def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")  # a line each time more is done
     output = tmp_path / "out"

@@ -12,18 +12,8 @@ from diffusers import AudioDiffusionPipeline, DiffusionPipeline, UNet2DModel
 
 from audiodiff import models
 from audiodiff.cli import main
-from audiodiff.synth import write_examples
 
 TRAIN = ["--num-workers", "2", "--warmup-steps", "2", "--log-every", "2", "--num-samples", "4", "--sample-steps", "4"]
-
-
-@pytest.fixture(scope="module")
-def spectrograms(local_ray, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_examples(str(root / "audio"), tracks_per_genre=3, seconds=6.0)
-    assert main(["preprocess", str(root / "audio"), "--model", "tiny", "--output", str(root / "spec"),
-                 "--genre-from-folder"]) == 0  # 36 slices of 64x64: 32 to train on, 4 held out
-    return str(root / "spec")
 
 
 @pytest.fixture(scope="module")
