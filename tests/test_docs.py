@@ -30,6 +30,7 @@ def commands(bash: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.slow
 def test_the_notebook_page_runs_as_written_on_the_stand_ins(local_ray, synthetic_audio, tmp_path, capsys):
     page = PAGE.read_text()
     substitutions = stand_ins(page)

@@ -134,6 +134,7 @@ def whole_clip_file(path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_batch_is_restarted_no_partial_file_is_ever_visible_and_a_rerun_finds_every_clip(
         local_ray, tiny_model, tmp_path, capsys):
     import ray

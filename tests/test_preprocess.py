@@ -228,6 +228,7 @@ def _always_dies_on(base, poison, deaths):
     return AlwaysDies
 
 
+@pytest.mark.slow
 def test_killed_workers_and_retried_writes_leave_every_slice_once_and_a_track_killing_every_worker_is_a_reject(
         local_ray, genre_folder, tmp_path, monkeypatch):
     from audiodiff import preprocess
@@ -319,6 +320,7 @@ def test_a_long_track_is_cut_block_by_block_into_the_images_of_the_whole_track(t
     assert rejected["slices"] == [] and rejected["seconds"] == 0
 
 
+@pytest.mark.slow
 def test_storage_going_away_mid_job_stops_it_naming_the_file(local_ray, s3_bucket, genre_folder, tmp_path,
                                                               free_port, monkeypatch, capsys):
     import ray
