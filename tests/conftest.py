@@ -101,6 +101,57 @@ def model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny preset, untrained, saved to a folder once for the session; tests read it and never change it."""
+    from audiodiff import models
+
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    models.save_model(models.new_model("tiny"), str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synthetic_audio(tmp_path_factory):
+    """What `write_examples(folder)` writes with its defaults (the demo's and docs' `out/synth`): 4 tracks of 12 s
+    per genre at 44.1 kHz; written once for the session, read and never changed by the tests."""
+    from audiodiff.synth import write_examples
+
+    folder = tmp_path_factory.mktemp("synth") / "synth"
+    write_examples(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def genre_folder(tmp_path_factory):
+    """A folder per genre of synthetic tracks at 44.1 kHz, one each as wav, flac, ogg and mp3, of lengths that
+    leave partial slices; encoded once for the session, read and never changed by the tests."""
+    import soundfile
+
+    from audiodiff.synth import synthesize
+
+    root = tmp_path_factory.mktemp("genres") / "music"
+    for genre, seconds in (("drone", 7.3), ("beats", 4.1), ("arpeggio", 10.0)):
+        (root / genre).mkdir(parents=True)
+        for i, ext in enumerate(("wav", "flac", "ogg", "mp3")):
+            soundfile.write(root / genre / f"{genre} {i}.{ext}", synthesize(genre, seconds + i, 44100, seed=i), 44100)
+    return root
+
+
+@pytest.fixture(scope="session")
+def spectrograms(local_ray, tmp_path_factory):
+    """A spectrogram dataset of the tiny model, preprocessed once for the session from 3 synthetic tracks of 6 s
+    per genre: 36 slices of 64x64 (32 to train on, 4 held out); read and never changed by the tests."""
+    from audiodiff.cli import main
+    from audiodiff.synth import write_examples
+
+    root = tmp_path_factory.mktemp("train")
+    write_examples(str(root / "audio"), tracks_per_genre=3, seconds=6.0)
+    assert main(["preprocess", str(root / "audio"), "--model", "tiny", "--output", str(root / "spec"),
+                 "--genre-from-folder"]) == 0
+    return str(root / "spec")
+
+
+@pytest.fixture(scope="session")
 def tiny_latent_pipeline_folder(tmp_path_factory):
     """A latent AudioDiffusionPipeline saved by diffusers itself: a 2-block AutoencoderKL (64x64 images <->
     4x32x32 latents), a UNet2DModel on its latents, a 64x64 mel and DDIM."""

@@ -109,6 +109,7 @@ def succeeded(head: Head, stage: str, *args) -> str:
     return job_logs(head, submission_id)
 
 
+@pytest.mark.slow
 def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(head):
     pids = {p.pid for p in session_tree(head.session)}
     listening = {ipaddress.ip_address(c.laddr.ip) for c in psutil.net_connections("inet")
@@ -120,6 +121,7 @@ def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(he
     assert refused.returncode != 0 and "token" in refused.stdout + refused.stderr
 
 
+@pytest.mark.slow
 def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_bucket):
     write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
 
@@ -155,6 +157,7 @@ def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_
     ("finetune", ["--data", "{bucket}/no-such-dataset", "--model", "tiny", "--output", "{bucket}/x"],
      "audiodiff finetune: error: {bucket}/no-such-dataset: no such dataset"),
 ])
+@pytest.mark.slow
 def test_a_job_with_a_bad_argument_fails_with_the_message_in_its_logs(head, s3_bucket, stage, args, message):
     result, submission_id = submit(head, stage, *[a.format(bucket=s3_bucket) for a in args])
     assert result.returncode != 0
@@ -250,6 +253,7 @@ def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_A
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_a_local_ray_listens_on_loopback_only_without_the_users_export_and_keeps_its_files_private():
     run = python_in_own_session(_LOCAL_RUN, drop=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"))
     *_, temp_dir, sockets = run.stdout.splitlines()
@@ -295,6 +299,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_every_stage_on_two_nodes_refuses_a_local_output_and_writes_each_output_once_to_object_storage(
         s3_bucket, tmp_path, free_port):
     write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64

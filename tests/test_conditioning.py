@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import soundfile
 import torch
 from diffusers import DiffusionPipeline
@@ -25,6 +26,7 @@ def manifest(folder) -> list[dict]:
     return pq.read_table(io.BytesIO((folder / "manifest.parquet").read_bytes())).to_pylist()
 
 
+@pytest.mark.slow
 def test_latent_pipeline_saved_by_diffusers_generates_remixes_and_fine_tunes(local_ray, tiny_latent_pipeline_folder,
                                                                              tmp_path, capsys):
     model = str(tiny_latent_pipeline_folder)

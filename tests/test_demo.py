@@ -2,6 +2,7 @@ import io
 import re
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 
@@ -10,6 +11,7 @@ from audiodiff.cli import main
 from audiodiff.synth import GENRES
 
 
+@pytest.mark.slow
 def test_demo_runs_all_three_stages_and_replaces_only_its_own_output(local_ray, tmp_path, capsys):
     out = tmp_path / "demo"
     # the demo's own length (20 epochs): at 8, the genres' clips were not yet each nearest their own genre's audio

@@ -6,11 +6,11 @@ temporary folder's absolute path: the session's Ray workers run in the directory
 import pathlib
 import re
 import shlex
+import shutil
 
 import pytest
 
 from audiodiff.cli import main
-from audiodiff.synth import write_examples
 
 PAGE = pathlib.Path(__file__).parent.parent / "docs" / "from-the-notebook.md"
 
@@ -30,7 +30,8 @@ def commands(bash: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_the_notebook_page_runs_as_written_on_the_stand_ins(local_ray, tmp_path, capsys):
+@pytest.mark.slow
+def test_the_notebook_page_runs_as_written_on_the_stand_ins(local_ray, synthetic_audio, tmp_path, capsys):
     page = PAGE.read_text()
     substitutions = stand_ins(page)
     assert "teticio/audio-diffusion-instrumental-hiphop-256" in substitutions and "lewtun/music_genres" in substitutions
@@ -43,7 +44,7 @@ def test_the_notebook_page_runs_as_written_on_the_stand_ins(local_ray, tmp_path,
                 code = code.replace(chapter, stand_in)
         return re.sub(r"(?<![\w/])out/", f"{tmp_path}/out/", code)
 
-    write_examples(str(tmp_path / "out" / "synth"))  # the stand-in the page describes
+    shutil.copytree(synthetic_audio, tmp_path / "out" / "synth")  # the stand-in the page describes
     ran = []
     for language, code in blocks(page):
         if language == "bash":

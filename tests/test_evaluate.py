@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ from audiodiff.evaluate import EvaluateConfig, run_evaluate, summary_line
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
-from audiodiff.synth import GENRES, synthesize, write_examples
+from audiodiff.synth import GENRES, synthesize
 
 FULL = MelConfig()  # the evaluation config for audio against audio
 TINY = MelConfig(x_res=64, y_res=64)  # the tiny model's: a spectrogram dataset of it sets the evaluation config
@@ -74,10 +75,10 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def music(tmp_path_factory):
+def music(synthetic_audio, tmp_path_factory):
     """Reference tracks of every genre (12 s at 44.1 kHz, wav/flac/mp3), and folders of other audio."""
     root = tmp_path_factory.mktemp("music")
-    write_examples(str(root / "reference"), tracks_per_genre=4, seconds=12.0)
+    shutil.copytree(synthetic_audio, root / "reference")
     # other tracks of the reference genre, as a generate output of 256-frame clips
     write_generate_output(str(root / "generated"), [synthesize("drone", CLIP_SAMPLES / FULL.sample_rate,
                                                                FULL.sample_rate, seed=1000 + n) for n in range(6)])

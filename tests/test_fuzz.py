@@ -193,6 +193,7 @@ def _spectrogram_dataset(folder, parts: list[list[bytes]]) -> None:
     (folder / "stats.json").write_text("{}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
 def test_a_later_damaged_image_ends_a_finetune_with_one_line_naming_it(local_ray, tmp_path, capsys, stream):
     rng = np.random.default_rng(2)

@@ -33,13 +33,6 @@ STANDARD_SECONDS = 63 * 512 / 22050  # the tiny model: 64 frames
 EXTENDED_SECONDS = 255 * 512 / 22050  # 4 x 64 frames, as 256-frame standard clips of the full model
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    models.save_model(models.new_model("tiny"), str(folder))
-    return str(folder)
-
-
 def generate(model, output, *args):
     assert main(["generate", "--model", model, "--output", str(output), *FAST, *map(str, args)]) == 0
 
@@ -141,6 +134,7 @@ def whole_clip_file(path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_batch_is_restarted_no_partial_file_is_ever_visible_and_a_rerun_finds_every_clip(
         local_ray, tiny_model, tmp_path, capsys):
     import ray

@@ -50,15 +50,6 @@ def expected_slices(path) -> int:
     return sum(image.min() < 255 for image in images)
 
 
-@pytest.fixture
-def genre_folder(tmp_path):
-    root = tmp_path / "music"
-    for genre, seconds in (("drone", 7.3), ("beats", 4.1), ("arpeggio", 10.0)):
-        for i, ext in enumerate(("wav", "flac", "ogg", "mp3")):
-            write(root / genre / f"{genre} {i}.{ext}", synthesize(genre, seconds + i, 44100, seed=i))
-    return root
-
-
 def test_audio_folder_with_genres_from_folders(local_ray, genre_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")  # a line each time more is done
     output = tmp_path / "out"
@@ -237,6 +228,7 @@ def _always_dies_on(base, poison, deaths):
     return AlwaysDies
 
 
+@pytest.mark.slow
 def test_killed_workers_and_retried_writes_leave_every_slice_once_and_a_track_killing_every_worker_is_a_reject(
         local_ray, genre_folder, tmp_path, monkeypatch):
     from audiodiff import preprocess
@@ -328,6 +320,7 @@ def test_a_long_track_is_cut_block_by_block_into_the_images_of_the_whole_track(t
     assert rejected["slices"] == [] and rejected["seconds"] == 0
 
 
+@pytest.mark.slow
 def test_storage_going_away_mid_job_stops_it_naming_the_file(local_ray, s3_bucket, genre_folder, tmp_path,
                                                               free_port, monkeypatch, capsys):
     import ray

@@ -23,13 +23,6 @@ MEL = models.new_model("tiny").mel  # 64 x 64 images: a slice is 32767 samples (
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    models.save_model(models.new_model("tiny"), str(folder))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def tracks(tmp_path_factory):
     """A drone of two slices, beats of three, and a file that is not audio."""
     folder = tmp_path_factory.mktemp("tracks")

@@ -12,18 +12,8 @@ from diffusers import AudioDiffusionPipeline, DiffusionPipeline, UNet2DModel
 
 from audiodiff import models
 from audiodiff.cli import main
-from audiodiff.synth import write_examples
 
 TRAIN = ["--num-workers", "2", "--warmup-steps", "2", "--log-every", "2", "--num-samples", "4", "--sample-steps", "4"]
-
-
-@pytest.fixture(scope="module")
-def spectrograms(local_ray, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_examples(str(root / "audio"), tracks_per_genre=3, seconds=6.0)
-    assert main(["preprocess", str(root / "audio"), "--model", "tiny", "--output", str(root / "spec"),
-                 "--genre-from-folder"]) == 0  # 36 slices of 64x64: 32 to train on, 4 held out
-    return str(root / "spec")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +53,7 @@ def checkpoint_steps(output) -> list[int]:
     return [json.loads((c / "state.json").read_text())["step"] for c in checkpoints(output)]
 
 
+@pytest.mark.slow
 def test_two_workers_learn_checkpoint_and_export_a_diffusers_pipeline(spectrograms, tmp_path):
     out = tmp_path / "model"
     # 32 training images / (2 per worker x 2 workers x 2 accumulated) = 4 steps per epoch; DDP with bucket views,
@@ -116,6 +107,7 @@ def test_bad_input_is_reported_before_any_worker_starts(spectrograms, tmp_path, 
     assert "--gpu with 2 workers needs 2 GPUs; the Ray cluster has 0, autoscaling included" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
     import ray
     from ray.util.state import list_actors
@@ -144,6 +136,7 @@ def test_run_survives_a_worker_killed_mid_run(spectrograms, tmp_path):
     assert history(out)[-1]["step"] == 24
 
 
+@pytest.mark.slow
 def test_resumed_mid_epoch_ends_with_the_weights_and_optimizer_state_of_an_uninterrupted_run(many_parts, tmp_path,
                                                                                               capsys):
     # two runs of one seed on a dataset of many parts: its blocks must come in file order in every run
@@ -198,6 +191,7 @@ def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
     assert [a + b for a, b in zip(*ranks)] == first  # two workers split every step of the one-worker order
 
 
+@pytest.mark.slow
 def test_reads_teticios_saved_datasets_and_checkpoints_and_exports_to_object_storage(spectrograms, tmp_path, s3_bucket):
     import datasets
     import pyarrow.parquet as pq
