@@ -38,6 +38,8 @@ figcaption span{color:#666}
 .axis{position:relative;height:1.4em;border-top:1px solid #888;font-size:11px;color:#444}
 .axis span{position:absolute;top:0;border-left:1px solid #888;padding-left:2px;height:.9em;line-height:1.3em}
 audio{display:block;width:100%;min-width:200px;margin-top:.3em}
+figure.copy{border:3px solid #c62828}.copy-mark{color:#fff;background:#c62828;font-weight:600;font-size:.85em;
+padding:.1em .4em;border-radius:3px;margin:0 0 .3em;display:inline-block}
 """
 
 
@@ -128,7 +130,10 @@ def _figure(row: dict, shared: dict, scale: float) -> str:
         if "model" not in shared:
             details.append(f"model {row['model']}")
     caption = f"<b>{html.escape(row['clip_id'])}</b> <span>{html.escape(' · '.join(filter(None, details)))}</span>"
-    return _clip(caption, row["wav"], row["png"], row["seconds"], scale, row["clip_id"])
+    if row.get("copy_of"):  # audiodiff.memorisation found it within its threshold of a training slice
+        caption = (f'<p class="copy-mark">near-copy of training slice {html.escape(row["copy_of"])}</p>' + caption)
+    return _clip(caption, row["wav"], row["png"], row["seconds"], scale, row["clip_id"],
+                 css_class="copy" if row.get("copy_of") else "")
 
 
 def _input_figure(output: dict, row: dict | None, scale: float) -> str:
