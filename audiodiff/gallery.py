@@ -5,9 +5,10 @@ source and slice). One self-contained file: inline CSS, no script, nothing fetch
 clips' files are linked by their paths relative to the page.
 
 Rows are manifest rows (`outputs.MANIFEST_SCHEMA`); the columns only some kinds have (`genre`, `source`,
-`slice`, `strength`, `keep_start`, `keep_end`, `position`, `input_wav`, `input_png`) may be missing or null. An
-input that clips were made from is a row of kind `input` (its own files and seconds) which their `input_wav`
-names; it shows at the head of their group rather than in a group of its own.
+`slice`, `strength`, `keep_start`, `keep_end`, `position`, `input_wav`, `input_png`, `copy_of`) may be missing or
+null. An input that clips were made from is a row of kind `input` (its own files and seconds) which their
+`input_wav` names; it shows at the head of their group rather than in a group of its own. A clip with `copy_of`
+(a near-copy of that training slice: audiodiff.memorisation) has a red border and says so on its card.
 """
 
 from __future__ import annotations
