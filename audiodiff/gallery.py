@@ -132,7 +132,8 @@ def _figure(row: dict, shared: dict, scale: float) -> str:
             details.append(f"model {row['model']}")
     caption = f"<b>{html.escape(row['clip_id'])}</b> <span>{html.escape(' · '.join(filter(None, details)))}</span>"
     if row.get("copy_of"):  # audiodiff.memorisation found it within its threshold of a training slice
-        caption = (f'<p class="copy-mark">near-copy of training slice {html.escape(row["copy_of"])}</p>' + caption)
+        caption = (f'<p class="copy-mark" title="near-copy of the training slice {html.escape(row["copy_of"])}">'
+                   f'near-copy of {html.escape(row["copy_of"].rsplit("/", 1)[-1])}</p>' + caption)
     return _clip(caption, row["wav"], row["png"], row["seconds"], scale, row["clip_id"],
                  css_class="copy" if row.get("copy_of") else "")
 

@@ -35,17 +35,20 @@ MEL = PRESETS["tiny"][1]
 SLICES_PER_TRACK = 25
 
 
-def synthetic_slices(count: int, first_seed: int) -> tuple[np.ndarray, list[str]]:
-    """uint8 [count, 64, 64] slices of synthetic tracks (genres in turn), and each slice's track name."""
+def track_slices(n: int) -> np.ndarray:
+    """uint8 [SLICES_PER_TRACK, 64, 64]: the slices of synthetic track `n` (genres in turn, seed n)."""
     from audiodiff.mel import MelCodec
 
-    codec, images, tracks = MelCodec(MEL), [], []
     seconds = SLICES_PER_TRACK * MEL.slice_size / MEL.sample_rate
-    for n in range(-(-count // SLICES_PER_TRACK)):
-        genre = GENRES[n % len(GENRES)]
-        cut = codec.audio_to_images(synthesize(genre, seconds, MEL.sample_rate, seed=first_seed + n)).numpy()
-        images.append(cut)
-        tracks += [f"{genre}-{first_seed + n}.wav"] * len(cut)
+    return MelCodec(MEL).audio_to_images(synthesize(GENRES[n % len(GENRES)], seconds, MEL.sample_rate, seed=n)).numpy()
+
+
+def synthetic_slices(count: int, first_track: int) -> tuple[np.ndarray, list[str]]:
+    """`count` slices of the synthetic tracks from `first_track` on, and each slice's track name."""
+    images, tracks = [], []
+    for n in range(first_track, first_track + -(-count // SLICES_PER_TRACK)):
+        images.append(track_slices(n))
+        tracks += [f"{GENRES[n % len(GENRES)]}-{n}.wav"] * len(images[-1])
     return np.concatenate(images)[:count], tracks[:count]
 
 
@@ -98,12 +101,11 @@ def main() -> None:
     load_before = os.getloadavg()
     training = storage.join(work, "training")
     started = time.perf_counter()
-    images, tracks = synthetic_slices(args.slices, first_seed=0)
     if not storage.exists(storage.join(training, "stats.json")):
-        write_training(training, images, tracks)
-    clips, _ = synthetic_slices(args.clips - args.planted, first_seed=1_000_000)
-    planted = np.random.default_rng(0).choice(len(images), args.planted, replace=False)
-    clips = np.concatenate([images[planted], clips])
+        write_training(training, *synthetic_slices(args.slices, first_track=0))
+    planted = np.random.default_rng(0).choice(args.slices, args.planted, replace=False)
+    copies = np.stack([track_slices(i // SLICES_PER_TRACK)[i % SLICES_PER_TRACK] for i in planted])
+    clips = np.concatenate([copies, synthetic_slices(args.clips - args.planted, first_track=1_000_000)[0]])
     print(f"data: {args.slices} training slices, {len(clips)} clips ({args.planted} planted copies) in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
 
