@@ -103,9 +103,12 @@ def main() -> None:
     started = time.perf_counter()
     if not storage.exists(storage.join(training, "stats.json")):
         write_training(training, *synthetic_slices(args.slices, first_track=0))
-    planted = np.random.default_rng(0).choice(args.slices, args.planted, replace=False)
-    copies = np.stack([track_slices(i // SLICES_PER_TRACK)[i % SLICES_PER_TRACK] for i in planted])
-    clips = np.concatenate([copies, synthetic_slices(args.clips - args.planted, first_track=1_000_000)[0]])
+    saved = os.path.join(work, f"clips-{args.clips}-{args.planted}.npy")
+    if not os.path.exists(saved):
+        planted = np.random.default_rng(0).choice(args.slices, args.planted, replace=False)
+        copies = np.stack([track_slices(i // SLICES_PER_TRACK)[i % SLICES_PER_TRACK] for i in planted])
+        np.save(saved, np.concatenate([copies, synthetic_slices(args.clips - args.planted, first_track=1_000_000)[0]]))
+    clips = np.load(saved)
     print(f"data: {args.slices} training slices, {len(clips)} clips ({args.planted} planted copies) in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
 
