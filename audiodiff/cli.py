@@ -115,6 +115,8 @@ def _clip_command(subparsers, common, name: str, help: str, examples: list[str],
     p.add_argument("--model", required=True, help="hub id, model folder or URI (a preset: an untrained model)")
     p.add_argument("--output", required=True, help="where clips/, manifest.parquet and index.html go")
     p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
+    p.add_argument("--training", help="the model's training data (spectrogram dataset): after writing, mark the clips "
+                                      "that are near-copies of a training slice (manifest copy_of, gallery)")
     sampler = p.add_argument_group("sampler and workers")
     sampler.add_argument("--scheduler", help=f"{SCHEDULER_NAMES} (default: {default_scheduler})")
     sampler.add_argument("--karras", action="store_true",
@@ -234,11 +236,14 @@ def _evaluate_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
         "evaluate", parents=[common],
         help="Fréchet and kernel distance of generated clips against reference audio, with floors (Ray Data)",
-        epilog="example:\n  audiodiff evaluate --clips out/clips --reference out/spectrograms --output out/quality.json",
+        epilog="example:\n  audiodiff evaluate --clips out/clips --reference out/spectrograms --output out/quality.json"
+               "\n  audiodiff evaluate --clips out/clips --training out/spectrograms",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", required=True, help="generate output, or a folder or URI of audio files")
-    p.add_argument("--reference", required=True,
+    p.add_argument("--reference",
                    help="folder or URI of audio files, a generate output, or a spectrogram dataset from preprocess")
+    p.add_argument("--training", help="the training data (a spectrogram dataset): flag clips that are near-copies of "
+                                      "a training slice (memorisation check); --reference may then be left out")
     p.add_argument("--embedding",
                    help="mel (built in, the default) or a TorchScript module (path or URI) mapping audio to vectors; "
                         "TorchScript is code (torch.jit.load runs it): use only files you trust")

@@ -27,7 +27,7 @@ import ray
 import torch
 from ray.data.expressions import col
 
-from audiodiff import checks, devices, ownership, progress, sampling, storage
+from audiodiff import checks, devices, memorisation, ownership, progress, sampling, storage
 from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
@@ -72,6 +72,7 @@ class ClipSettings:
     genres: list[str] = dataclasses.field(default_factory=list)  # each clip once per genre (audiodiff.conditioning)
     encodings: str | None = None  # or once per encoding in this file
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
+    training: str | None = None  # the training data: mark clips that copy a slice of it (audiodiff.memorisation)
 
     def __post_init__(self):
         """The checks that need no model, no data and no cluster (audiodiff.checks)."""
@@ -354,6 +355,9 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
                overlap: float | None = None) -> dict:
     """Make the planned clips not yet under the output from `work` (the plan's rows with their `starts`, as
     WORK_SCHEMA), then write the manifest and gallery of the whole plan. Returns counts for a summary."""
+    if config.training:  # a --training that cannot be checked against stops the run before any clip is made
+        check_paths_reachable(config.shared_path, inputs=[config.training])
+        mel = memorisation.check_same_mel(config.training, load_mel_config(config.model), config.model)
     output = storage.absolute(config.output)
     done = finished_clips(config.output)
     todo = [row for row in plan if row["clip_id"] not in done]
@@ -374,8 +378,12 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     missing = [row["clip_id"] for row in plan if row["clip_id"] not in finished]
     if missing:
         raise AudiodiffError(f"{config.output}: {len(missing)} clips were not written ({', '.join(missing[:5])}...)")
+    checked = {}
+    if config.training:
+        plan, checked = memorisation.mark_copies(config.output, plan, config.training, mel)
     index = write_manifest_and_gallery(config.output, plan, title)
-    return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index}
+    return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index,
+            **({"memorisation": checked} if checked else {})}
 
 
 def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
@@ -390,5 +398,6 @@ def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
 
 def summary_line(stage: str, result: dict) -> str:
     rejected = f", {result['rejected']} inputs rejected (rejects.parquet)" if result.get("rejected") else ""
+    copies = f"\n  {memorisation.summary(result['memorisation'])} (copy_of)" if "memorisation" in result else ""
     return (f"{stage}: {result['written']} clips written, {result['skipped']} already there{rejected}, "
-            f"{result['planned']} in the manifest -> {result['index']}")
+            f"{result['planned']} in the manifest -> {result['index']}{copies}")

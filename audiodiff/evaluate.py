@@ -50,7 +50,7 @@ import ray
 import torch
 from ray.data.expressions import col, lit
 
-from audiodiff import checks, ownership, progress, storage
+from audiodiff import checks, memorisation, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import spectrogram_files
 from audiodiff.encode import png_image
@@ -72,7 +72,7 @@ RENDERED = "rendered"  # the side of the reference rendered through the clips' c
 @dataclasses.dataclass
 class EvaluateConfig:
     clips: str
-    reference: str
+    reference: str | None = None  # None: the memorisation check alone (`training`)
     embedding: str = "mel"  # "mel", or the path or URI of a TorchScript embedding module
     output: str | None = None  # where the result goes as JSON
     by_genre: bool = False  # also the distance of each genre's clips to each genre's reference
@@ -82,14 +82,17 @@ class EvaluateConfig:
 
     clips_model: str | None = None  # the model whose codec made the clips, for audio clips without a manifest
     no_floors: bool = False  # skip the floors (the reference's halves, the reference through the clips' codec)
+    training: str | None = None  # a spectrogram dataset: each clip's nearest training slice (audiodiff.memorisation)
 
     def __post_init__(self):
         """The checks that need no data and no cluster (audiodiff.checks)."""
         checks.finite(self)
         checks.positive(self, "max_seconds")
-        for name in ("clips", "reference", "embedding"):
-            if not getattr(self, name):
+        for name in ("clips", "reference", "embedding", "training"):
+            if getattr(self, name) == "":
                 raise AudiodiffError(f"{checks.flag(self, name)} is empty; give a path or URI")
+        if self.reference is None and self.training is None:
+            raise AudiodiffError("give --reference (the quality figures), --training (the memorisation check) or both")
 
 
 
@@ -393,12 +396,25 @@ def _above(result: dict) -> dict:
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
-    """Embed both sides (and the rendered reference, for its floor) on the current Ray, then both figures and
-    the floors; returns (and writes to `config.output` as JSON) them, what was compared, and what was rejected."""
+    """The quality figures (with --reference) and the memorisation check (with --training) on the current Ray;
+    returns (and writes to `config.output` as JSON) them."""
     if config.output and storage.exists(config.output) and \
             (ownership.read_record(config.output) or {}).get(ownership.WRITTEN_BY) != ownership.mark("evaluate"):
         raise AudiodiffError(f"--output {config.output}: a file `audiodiff evaluate` did not write; it replaces only "
                              "its own results: choose another --output")
+    result = _figures(config) if config.reference else {ownership.WRITTEN_BY: ownership.mark("evaluate")}
+    if config.training:
+        check_paths_reachable(config.shared_path, inputs=[config.clips, config.training])
+        clips, mel = memorisation.clip_images(config.clips, config.training)
+        result["memorisation"] = memorisation.check_clips(clips, config.training, mel)
+    if config.output:
+        storage.write_bytes(config.output, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def _figures(config: EvaluateConfig) -> dict:
+    """Embed both sides (and the rendered reference, for its floor), then both figures and the floors, what was
+    compared, and what was rejected."""
     sides = [_open_side("clips", config.clips), _open_side("reference", config.reference)]
     if config.clips_model:
         sides[0].codec = _model_mel(config.clips_model, "--clips-model")
@@ -444,12 +460,17 @@ def run_evaluate(config: EvaluateConfig) -> dict:
             raise AudiodiffError(f"--by-genre: no genre has clips in {config.clips} and reference in "
                                  f"{config.reference} (genres come from the manifest's genre column, a dataset's "
                                  "genre column or an audio file's folder)")
-    if config.output:
-        storage.write_bytes(config.output, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
 def summary_line(result: dict, config: EvaluateConfig) -> str:
+    copies = f"\n  {memorisation.summary(result['memorisation'])}" if "memorisation" in result else ""
+    if "frechet_distance" not in result:
+        return f"evaluate: {copies.strip()}" + (f" -> {config.output}" if config.output else "")
+    return _figures_line(result, config) + copies
+
+
+def _figures_line(result: dict, config: EvaluateConfig) -> str:
     clips, reference = result["clips"], result["reference"]
     rejected = f", {len(result['rejected'])} files rejected" if result["rejected"] else ""
     matrix = "".join(f"\n  {genre} clips to reference " + ", ".join(f"{r} {d:.2f}" for r, d in row.items())

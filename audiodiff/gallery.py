@@ -5,9 +5,10 @@ source and slice). One self-contained file: inline CSS, no script, nothing fetch
 clips' files are linked by their paths relative to the page.
 
 Rows are manifest rows (`outputs.MANIFEST_SCHEMA`); the columns only some kinds have (`genre`, `source`,
-`slice`, `strength`, `keep_start`, `keep_end`, `position`, `input_wav`, `input_png`) may be missing or null. An
-input that clips were made from is a row of kind `input` (its own files and seconds) which their `input_wav`
-names; it shows at the head of their group rather than in a group of its own.
+`slice`, `strength`, `keep_start`, `keep_end`, `position`, `input_wav`, `input_png`, `copy_of`) may be missing or
+null. An input that clips were made from is a row of kind `input` (its own files and seconds) which their
+`input_wav` names; it shows at the head of their group rather than in a group of its own. A clip with `copy_of`
+(a near-copy of that training slice: audiodiff.memorisation) has a red border and says so on its card.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ figcaption span{color:#666}
 .axis{position:relative;height:1.4em;border-top:1px solid #888;font-size:11px;color:#444}
 .axis span{position:absolute;top:0;border-left:1px solid #888;padding-left:2px;height:.9em;line-height:1.3em}
 audio{display:block;width:100%;min-width:200px;margin-top:.3em}
+figure.copy{border:3px solid #c62828}.copy-mark{color:#fff;background:#c62828;font-weight:600;font-size:.85em;
+padding:.1em .4em;border-radius:3px;margin:0 0 .3em;display:inline-block}
 """
 
 
@@ -128,7 +131,11 @@ def _figure(row: dict, shared: dict, scale: float) -> str:
         if "model" not in shared:
             details.append(f"model {row['model']}")
     caption = f"<b>{html.escape(row['clip_id'])}</b> <span>{html.escape(' · '.join(filter(None, details)))}</span>"
-    return _clip(caption, row["wav"], row["png"], row["seconds"], scale, row["clip_id"])
+    if row.get("copy_of"):  # audiodiff.memorisation found it within its threshold of a training slice
+        caption = (f'<p class="copy-mark" title="near-copy of the training slice {html.escape(row["copy_of"])}">'
+                   f'near-copy of {html.escape(row["copy_of"].rsplit("/", 1)[-1])}</p>' + caption)
+    return _clip(caption, row["wav"], row["png"], row["seconds"], scale, row["clip_id"],
+                 css_class="copy" if row.get("copy_of") else "")
 
 
 def _input_figure(output: dict, row: dict | None, scale: float) -> str:

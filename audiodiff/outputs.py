@@ -31,6 +31,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("keep_end", pa.float64()), ("position", pa.float64()), ("input_wav", pa.string()), ("input_png", pa.string()),
     # a conditional model's clips: the genre, or the name of the encoding from an --encodings file
     ("genre", pa.string()), ("encoding", pa.string()),
+    # with --training: the training slice ("audio_file#slice") the clip is a near-copy of (audiodiff.memorisation)
+    ("copy_of", pa.string()),
 ], metadata=ownership.SCHEMA_MARK)
 
 

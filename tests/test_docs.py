@@ -59,7 +59,7 @@ def test_the_notebook_page_runs_as_written_on_the_stand_ins(local_ray, synthetic
             assert language == "python", f"a {language} block: the test runs bash and python blocks only"
             exec(compile(offline(code), f"{PAGE.name} python block", "exec"), {})
             ran.append("python")
-    assert ran == ["generate", "python", "preprocess", "finetune", "generate", "evaluate", "python"]
+    assert ran == ["generate", "python", "preprocess", "finetune", "generate", "evaluate", "evaluate", "python"]
     assert used == set(substitutions), f"stand-ins that match nothing on the page: {set(substitutions) - used}"
     assert (tmp_path / "out" / "electronic-model" / "loss.png").exists()
     assert (tmp_path / "out" / "electronic-clips" / "clips" / "extended-00001.wav").exists()
