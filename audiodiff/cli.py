@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import socket
 import sys
-from urllib.parse import urlparse
 
 from audiodiff import __version__
 from audiodiff.errors import AudiodiffError
@@ -270,34 +267,9 @@ def _config(config_class, args):
 
 
 def _init_ray(args) -> None:
-    from audiodiff.runtime import init_ray
+    from audiodiff.runtime import connect
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    named = f"--address {args.address}" if args.address else f"RAY_ADDRESS={address}"
-    if address:
-        _check_reachable(address, named)
-    try:
-        init_ray(args.address)
-    except ConnectionError as e:
-        raise AudiodiffError(f"{named}: cannot join the Ray cluster there ({str(e).splitlines()[0]})") from None
-
-
-def _check_reachable(address: str, named: str) -> None:
-    """Ray retries an address where nothing answers for minutes before it gives up; one connection says so in
-    seconds. `auto` and `local` name no host."""
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        raise AudiodiffError(f"{named}: not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)") from None
-    if not (host and port):
-        return
-    try:
-        socket.create_connection((host, port), timeout=10).close()
-    except OSError as e:
-        raise AudiodiffError(f"{named}: no Ray cluster answers there ({e.strerror or e}); give the head's address "
-                             "(`ray status` on the head prints it), or leave out --address and RAY_ADDRESS for a "
-                             "local Ray") from None
+    connect(args.address)
 
 
 STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),

@@ -31,7 +31,7 @@ from audiodiff import checks, devices, ownership, progress, sampling, storage
 from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
-from audiodiff.mel import MelCodec, is_silent
+from audiodiff.mel import MelCodec, MelConfig, is_silent
 from audiodiff.models import load_mel_config, load_model, model_identity
 from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \
@@ -57,7 +57,7 @@ class ClipSettings:
     command: typing.ClassVar[str]  # the command's name, in its progress lines
     model: str
     output: str
-    scheduler: str = "ddpm"
+    scheduler: str = sampling.GENERATE_SAMPLER
     steps: int | None = None
     karras: bool = False  # Karras sigmas, for the schedulers that take them
     eta: float = 0.0
@@ -151,6 +151,32 @@ def device_record(device: torch.device, precision: str) -> dict:
 def clip_seed(*keys: int) -> int:
     """A clip's seed from the run's seed and what tells the clip apart (its kind, index, variation ...)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def default_overlap(mel: MelConfig) -> float:
+    """Half of what a window can keep (its width less its end frames), at most 2 s: 2 s for 256-frame models,
+    about 0.68 s for the tiny preset's 64 frames (a 1.46 s window)."""
+    return min(2.0, mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate / 2)
+
+
+# The vocoder works in bounded windows, but a clip's own audio (4 bytes a sample, 318 MB an hour at 22050 Hz), its
+# WAV and its PNG are held whole by the actor that makes it, times the batch: one hour bounds that.
+MAX_CLIP_SECONDS = 3600
+
+
+def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
+    """A long clip must be longer than one window, and each window must add something to the one before."""
+    window = mel.samples_for_width(mel.x_res) / mel.sample_rate
+    if seconds <= window:
+        raise AudiodiffError(f"--seconds {seconds:g} is not longer than one window ({window:.2f} s); "
+                             "ask for more, or make standard clips")
+    if seconds > MAX_CLIP_SECONDS:
+        raise AudiodiffError(f"--seconds {seconds:g} is over {MAX_CLIP_SECONDS} (one hour): a clip is held whole "
+                             "(its audio, WAV and PNG) by the actor that makes it; make several shorter ones")
+    usable = mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate
+    if not 0 < mel.frames_in(overlap) < mel.x_res - 2 * mel.edge_frames:
+        raise AudiodiffError(f"--overlap {overlap:g} s must be shorter than one window less its end frames "
+                             f"({usable:.2f} s) and at least one frame ({mel.hop_length / mel.sample_rate:.3f} s)")
 
 
 class ClipMaker:

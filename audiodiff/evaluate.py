@@ -52,8 +52,7 @@ from ray.data.expressions import col, lit
 
 from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
-from audiodiff.dataset import spectrogram_files
-from audiodiff.encode import png_image
+from audiodiff.dataset import MEL_CONFIG, Spectrograms, decode_image, open_spectrograms
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
@@ -199,7 +198,7 @@ class _Embedder:
         return np.concatenate([self.embedding.of_audio(resample(a, self.render.sample_rate, rate)) for a in slices])
 
     def _decode(self, png: bytes, source: str) -> np.ndarray:
-        return png_image(png, source, (self.mel.y_res, self.mel.x_res))
+        return decode_image(png, source, (self.mel.y_res, self.mel.x_res))
 
 
 def _reason(error: Exception) -> str:
@@ -220,24 +219,22 @@ class _Side:
     mel: MelConfig | None = None
     genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
     codec: MelConfig | None = None  # clips: the mel config of the model that made them, where known
+    spectrograms: Spectrograms | None = None  # unit "slices": the dataset, opened
 
 
 def _open_side(name: str, uri: str) -> _Side:
     if not storage.exists(uri):
         raise AudiodiffError(f"--{name} {uri}: not found")
-    mel_json = storage.join(uri, "mel_config.json")
     manifest = storage.join(uri, "manifest.parquet")
-    if storage.exists(mel_json):
-        mel = MelConfig.from_json(storage.read_text(mel_json), mel_json)
-        parts = spectrogram_files(uri)  # refuses a dataset that preprocess did not finish
-        fs, path = storage.resolve(parts[0])
+    if storage.exists(storage.join(uri, MEL_CONFIG)):
         try:
-            columns = pq.read_schema(path, filesystem=fs).names
-        except (OSError, pa.ArrowInvalid) as e:
-            raise AudiodiffError(f"--{name} {parts[0]}: not readable parquet ({e})") from None
-        if "image" not in columns:
-            raise AudiodiffError(f"--{name} {parts[0]}: no 'image' column (columns: {', '.join(columns)})")
-        return _Side(name, uri, "slices", parts, mel, codec=mel)
+            data = open_spectrograms(uri)  # refuses a dataset that preprocess did not finish
+        except AudiodiffError as e:
+            raise AudiodiffError(f"--{name} {e}") from None
+        if "image" not in data.columns:
+            raise AudiodiffError(f"--{name} {data.files[0]}: no 'image' column (columns: {', '.join(data.columns)})")
+        mel = data.mel_config()
+        return _Side(name, uri, "slices", data.files, mel, codec=mel, spectrograms=data)
     if storage.exists(manifest):
         try:
             table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
@@ -282,16 +279,15 @@ def _evaluation_mel(sides: list[_Side]) -> MelConfig:
 def _items(side: _Side) -> ray.data.Dataset:
     """One side's files as `_Embedder`'s rows: an audio file, or a spectrogram slice, per row. Reshaped by
     expressions, which Ray evaluates in its own read tasks (no import of this module and torch there)."""
-    fs = storage.resolve(side.files[0])[0]
-    paths = [storage.resolve(f)[1] for f in side.files]
     if side.unit == "slices":
-        rows = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
-        names = pq.read_schema(paths[0], filesystem=fs).names
+        rows, names = side.spectrograms.read(), side.spectrograms.columns
         items = {"source": col("image").struct.field("path"), "data": col("image").struct.field("bytes"),
                  "is_image": lit(True), "genre": col("genre") if "genre" in names else lit(""),
                  "track": col("audio_file") if "audio_file" in names else lit("")}
     else:  # the genres of files are the side's own (`_Side.genres`), set on the driver
-        rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=LIGHT_CPUS)
+        fs = storage.resolve(side.files[0])[0]
+        rows = ray.data.read_binary_files([storage.resolve(f)[1] for f in side.files], filesystem=fs,
+                                          include_paths=True, num_cpus=LIGHT_CPUS)
         items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False), "genre": lit(""),
                  "track": col("path")}
     return rows.with_columns({"side": lit(side.name), **items}, num_cpus=LIGHT_CPUS).select_columns(_ITEMS.names)
@@ -320,11 +316,8 @@ def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str,
 
 
 def _item_count(side: _Side) -> int:
-    """A side's items: its files, or a spectrogram dataset's slices (from its parquet footers)."""
-    if side.unit != "slices":
-        return len(side.files)
-    fs = storage.resolve(side.files[0])[0]
-    return sum(pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows for f in side.files)
+    """A side's items: its files, or a spectrogram dataset's slices."""
+    return side.spectrograms.count() if side.unit == "slices" else len(side.files)
 
 
 def _embed_with_mel(batch: pa.Table, mel: MelConfig, max_seconds: float, render: MelConfig | None) -> pa.Table:

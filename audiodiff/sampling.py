@@ -59,6 +59,13 @@ SAMPLERS = {
     "euler-ancestral": Sampler(EulerAncestralDiscreteScheduler, 50),
     "heun": Sampler(HeunDiscreteScheduler, 25, karras=True),  # two UNet evaluations per step but the last
 }
+GENERATE_SAMPLER = "ddpm"  # generate's default: the model's own reverse process
+INPUT_SAMPLER = "ddim"  # remix's and continue's default, from an input image
+INVERTING_SAMPLER = "ddim"  # interpolate's: it inverts its inputs with DDIM and samples from their noise
+TRAINING_SAMPLER = "ddpm"  # the forward (noising) process finetune trains the UNet on
+PREVIEW_SAMPLER, PREVIEW_STEPS = "ddim", 20  # finetune's samples during training
+# The scheduler classes a pipeline folder may name (model_index.json): the two teticio's models come with.
+PIPELINE_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 
 
 def check_scheduler(name: str, karras: bool = False) -> None:

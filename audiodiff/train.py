@@ -68,8 +68,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500  # optimizer steps; samples and the quality figure also come at the end
     num_samples: int = 8
-    sample_scheduler: str = "ddim"  # the samples' sampler (audiodiff.sampling.SAMPLERS)
-    sample_steps: int = 20
+    sample_scheduler: str = sampling.PREVIEW_SAMPLER  # the samples' sampler (audiodiff.sampling.SAMPLERS)
+    sample_steps: int = sampling.PREVIEW_STEPS
     seed: int = 0
     genres: list[str] = dataclasses.field(default_factory=list)
     condition: str | None = None  # "genre": one model for every genre of the data, steerable by --genre
@@ -152,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     genre_model = (GenreConditioned(unet, _initial_vectors(parts, plan.genres, config.seed)).to(device)
                    if plan.genres else None)
     trained = genre_model or unet  # what the optimizer and DDP see
-    noise_scheduler = sampling.make_scheduler("ddpm", parts.scheduler.config)
+    noise_scheduler = sampling.make_scheduler(sampling.TRAINING_SAMPLER, parts.scheduler.config)
     ema_settings = dict(decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_settings)
     ema_vectors = EMAModel([genre_model.vectors], **ema_settings) if genre_model else None

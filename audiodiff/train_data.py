@@ -31,7 +31,7 @@ import torch
 from ray.data.expressions import col
 
 from audiodiff import devices, sampling
-from audiodiff.dataset import columns, decode_images, first_image_size, read_spectrograms
+from audiodiff.dataset import decode_images, open_spectrograms
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model
 from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, cluster_capacity, largest_node, smallest_object_store,
@@ -129,17 +129,17 @@ def _genre_names(rows: list[dict], parts: PipelineParts, model: str) -> list[str
 def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[str, ray.data.Dataset]]:
     """Splits off the held-out images, reads and decodes the training images once when they fit in the
     object store (else sets them up to stream) and sizes the run. Returns the plan and Ray Train's datasets."""
-    height, width = first_image_size(config.data)
+    data = open_spectrograms(config.data)  # listed once: object storage lists are recursive
+    height, width = data.first_image_size()
     if (height, width) != parts.image_size:
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{parts.image_size[0]}x{parts.image_size[1]} (height x width); "
                              f"preprocess with --model {config.model}")
     # blocks in file order, so a seeded permutation picks the same images on every run
     with _ordered(), worker_errors():
-        dataset = read_spectrograms(config.data, config.genres, shuffle_seed=None if not config.stream else config.seed)
-        names = columns(config.data)
-        if not {"audio_file", "slice"} <= set(names):
-            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(names)}); "
+        dataset = data.read(config.genres, shuffle_seed=None if not config.stream else config.seed)
+        if not {"audio_file", "slice"} <= set(data.columns):
+            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(data.columns)}); "
                                  "preprocess the audio with audiodiff")
         total_rows = dataset.count()
         if total_rows == 0:
@@ -147,7 +147,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                  else f"{config.data}: the dataset is empty")
         if total_rows == 1:
             raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
-        if config.condition == "genre" and "genre" not in names:
+        if config.condition == "genre" and "genre" not in data.columns:
             raise AudiodiffError(f"{config.data}: --condition genre, but the data has no genre column")
         keyed = ["audio_file", "slice"] + (["genre"] if config.condition == "genre" else [])
         dataset = dataset.select_columns(["image", *keyed])

@@ -204,13 +204,13 @@ def test_reads_teticios_saved_datasets_and_checkpoints_and_exports_to_object_sto
     import pyarrow.parquet as pq
 
     from audiodiff import storage
-    from audiodiff.dataset import read_spectrograms, spectrogram_files
+    from audiodiff.dataset import open_spectrograms, spectrogram_files
 
     # what teticio's scripts/audio_to_images.py writes: a DatasetDict with image, audio_file, slice
     rows = pq.read_table(spectrogram_files(spectrograms), columns=["image", "audio_file", "slice"]).to_pylist()
     saved = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "teticio"))
-    assert read_spectrograms(str(tmp_path / "teticio")).count() == 36  # the same reader as from object storage
+    assert open_spectrograms(str(tmp_path / "teticio")).read().count() == 36  # the same reader as from object storage
     storage.upload_dir(str(tmp_path / "teticio"), f"{s3_bucket}/teticio")
     assert finetune(f"{s3_bucket}/teticio", f"{s3_bucket}/model", "--epochs", 1, "--checkpoint-every", 2) == 0
     files = storage.list_files(f"{s3_bucket}/model")
