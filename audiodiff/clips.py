@@ -33,7 +33,8 @@ from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
 from audiodiff.models import load_mel_config, load_model, model_identity
-from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
+from audiodiff.outputs import (GALLERY, MANIFEST, MANIFEST_SCHEMA, PEAK_DBFS, SETTINGS, ClipSink, finished_clips,
+                               write_manifest_and_gallery)
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \
     worker_errors
 from audiodiff.unets import clip_bytes
@@ -337,7 +338,7 @@ def check_output(config: ClipSettings, command: str) -> None:
     """The output must be new, empty or an earlier output of `command` (ownership), one every node writes to, and
     clips already under it must come from the same settings; the first write also proves the output is writable
     before any work starts."""
-    path = storage.join(config.output, "generation.json")
+    path = storage.join(config.output, SETTINGS)
     previous = ownership.read_record(path) if storage.exists(path) else None
     if previous is None:
         found = ownership.names_in(config.output)
@@ -347,8 +348,7 @@ def check_output(config: ClipSettings, command: str) -> None:
         raise AudiodiffError(f"{config.output}: holds the output of `{previous[ownership.WRITTEN_BY]}`; "
                              f"`audiodiff {command}` replaces only its own output: choose another --output")
     else:
-        ours = {"manifest.parquet": lambda uri: ownership.is_our_parquet(uri, MANIFEST_SCHEMA),
-                "index.html": ownership.is_our_gallery}
+        ours = {MANIFEST: lambda uri: ownership.is_our_parquet(uri, MANIFEST_SCHEMA), GALLERY: ownership.is_our_gallery}
         uris = {name: storage.join(config.output, name) for name in ours}
         foreign = [name for name, check in ours.items() if storage.exists(uris[name]) and not check(uris[name])]
         if foreign:
@@ -369,7 +369,7 @@ def check_output(config: ClipSettings, command: str) -> None:
 
 def record_devices(output: str, made_on: set[str]) -> None:
     """Adds to generation.json's `made_on` the device records (device_record, as JSON) of a run's actors."""
-    path = storage.join(output, "generation.json")
+    path = storage.join(output, SETTINGS)
     settings = json.loads(storage.read_bytes(path))
     known = {json.dumps(record, sort_keys=True) for record in settings.get("made_on", [])}
     settings["made_on"] = [json.loads(record) for record in sorted(known | made_on)]

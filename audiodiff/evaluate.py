@@ -45,7 +45,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.expressions import col, lit
@@ -58,6 +57,7 @@ from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
 from audiodiff.models import load_mel_config
+from audiodiff.outputs import MANIFEST, output_file, read_manifest
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 
 DEFAULT_SAMPLE_RATE = 16000  # for an embedding module without a `sample_rate` attribute (VGGish's rate)
@@ -225,7 +225,7 @@ class _Side:
 def _open_side(name: str, uri: str) -> _Side:
     if not storage.exists(uri):
         raise AudiodiffError(f"--{name} {uri}: not found")
-    manifest = storage.join(uri, "manifest.parquet")
+    manifest = storage.join(uri, MANIFEST)
     if storage.exists(storage.join(uri, MEL_CONFIG)):
         try:
             data = open_spectrograms(uri)  # refuses a dataset that preprocess did not finish
@@ -237,13 +237,13 @@ def _open_side(name: str, uri: str) -> _Side:
         return _Side(name, uri, "slices", data.files, mel, codec=mel, spectrograms=data)
     if storage.exists(manifest):
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
+            table = read_manifest(uri)
             wavs = table["wav"].to_pylist()
         except (OSError, pa.ArrowInvalid, KeyError) as e:
             raise AudiodiffError(f"--{name} {manifest}: not a generate manifest with a 'wav' column ({e})") from None
         if not wavs:
             raise AudiodiffError(f"--{name} {manifest}: lists no clips")
-        files = [storage.join(uri, *wav.split("/")) for wav in wavs]
+        files = [output_file(uri, wav) for wav in wavs]
         genres = table["genre"].to_pylist() if "genre" in table.column_names else [None] * len(files)
         models = set(table["model"].to_pylist()) if "model" in table.column_names else set()
         codec = _model_mel(models.pop(), f"--{name} {manifest}: its model") if len(models) == 1 else None

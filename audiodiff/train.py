@@ -32,6 +32,7 @@ from ray.train.v2._internal.execution import context as train_context  # its log
 from audiodiff import checks, devices, ownership, sampling, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model
+from audiodiff.outputs import GALLERY
 from audiodiff.runtime import check_paths_reachable, require_gpus, worker_errors
 from audiodiff.train_checkpoint import RUN_NAME, check_resume, load_training_state, save_training_state
 from audiodiff.train_data import (WARMUP_FRACTION, InMemoryImages, RunPlan, micro_generator, plan_run,
@@ -255,7 +256,7 @@ def _check_output_ours(config: TrainConfig) -> None:
     run_folder, samples = storage.join(config.checkpoints, RUN_NAME), storage.join(config.output, "samples")
     states = [f for f in storage.list_files(run_folder) if f.endswith("state.json")] \
         if storage.is_dir(run_folder) else []
-    pages = [f for f in storage.list_files(samples) if f.endswith("index.html")] if storage.is_dir(samples) else []
+    pages = [f for f in storage.list_files(samples) if f.endswith(GALLERY)] if storage.is_dir(samples) else []
     marks = [(ownership.read_record(f) or {}).get(ownership.WRITTEN_BY) for f in states]
     if ownership.mark("finetune") not in marks and not any(map(ownership.is_our_gallery, pages)):
         raise ownership.refusal(config.output, "finetune", found)
