@@ -8,7 +8,7 @@ A clip depends only on (model, its seed, kind, scheduler, steps, eta, what it is
 draw of the sampler come from its own generator (audiodiff.sampling). Batched float kernels round
 differently at different batch sizes and CPU thread counts (a lone CPU actor uses all its node's cores, several
 share them: clips.cpu_threads), so across them a clip agrees up to that rounding (in fp32 at most one grey level
-on a small fraction of pixels; bf16's tolerance in audiodiff/devices.py), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
+on a small fraction of pixels; bf16's tolerance in BENCHMARKS.md, "Precision"), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
 """
 
 from __future__ import annotations
