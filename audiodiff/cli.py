@@ -25,7 +25,7 @@ def _preprocess_parser(subparsers, common) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="audio folder or URI, parquet folder/URI, saved dataset, hf:// path or hub dataset id")
     p.add_argument("--output", required=True, help="where the spectrogram dataset goes (path, s3://, gs://)")
-    p.add_argument("--genre", action="append", dest="genres", help="keep this genre (repeatable)")
+    p.add_argument("--genre", action="append", dest="only_genres", help="keep this genre (repeatable)")
     p.add_argument("--limit", type=int, help="at most N tracks")
     p.add_argument("--slices", choices=("all", "random"),
                    help="every full slice of each track, or one random slice per track (the notebook's choice)")
@@ -47,7 +47,7 @@ def _run_preprocess(args) -> None:
 
     config = _config(PreprocessConfig, args)
     _init_ray(args)
-    print(summary_line(run_preprocess(config), config.output))
+    print(summary_line(run_preprocess(config)))
 
 
 def _finetune_parser(subparsers, common) -> None:
@@ -83,7 +83,7 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--num-samples", type=int, help="clips per sample step (default: 8)")
     p.add_argument("--sample-scheduler", help=f"the samples' sampler: {SCHEDULER_NAMES} (default: ddim, eta 1)")
     p.add_argument("--sample-steps", type=int, help="denoising steps of the samples (default: 20)")
-    p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
+    p.add_argument("--genre", action="append", dest="only_genres", help="train on this genre (repeatable)")
     p.add_argument("--condition", choices=("genre",),
                    help="train one model for every genre of the data, steered at generation by --genre")
     p.add_argument("--label-dropout", type=float,
@@ -157,7 +157,8 @@ def _generate_parser(subparsers, common) -> None:
 
 
 def _run_generate(args) -> None:
-    from audiodiff.generate import GenerateConfig, run_generate, summary_line
+    from audiodiff.clips import summary_line
+    from audiodiff.generate import GenerateConfig, run_generate
 
     config = _config(GenerateConfig, args)
     _init_ray(args)
@@ -206,7 +207,7 @@ def _run_audio_to_audio(args) -> None:
                          "interpolate": (remix.InterpolateConfig, remix.run_interpolate)}[args.stage]
     config = _config(config_class, args)
     _init_ray(args)
-    print(summary_line(args.stage, run(config)))
+    print(summary_line(run(config)))
 
 
 def _demo_parser(subparsers, common) -> None:
@@ -257,7 +258,7 @@ def _run_evaluate(args) -> None:
 
     config = _config(EvaluateConfig, args)
     _init_ray(args)
-    print(summary_line(run_evaluate(config), config))
+    print(summary_line(run_evaluate(config)))
 
 
 def _config(config_class, args):

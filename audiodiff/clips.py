@@ -401,7 +401,8 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     if missing:
         raise AudiodiffError(f"{config.output}: {len(missing)} clips were not written ({', '.join(missing[:5])}...)")
     index = write_manifest_and_gallery(config.output, plan, title)
-    return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index}
+    return {"command": config.command, "planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo),
+            "index": index}
 
 
 def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
@@ -414,7 +415,7 @@ def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
     return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)] or [table])
 
 
-def summary_line(stage: str, result: dict) -> str:
+def summary_line(result: dict) -> str:
     rejected = f", {result['rejected']} inputs rejected (rejects.parquet)" if result.get("rejected") else ""
-    return (f"{stage}: {result['written']} clips written, {result['skipped']} already there{rejected}, "
+    return (f"{result['command']}: {result['written']} clips written, {result['skipped']} already there{rejected}, "
             f"{result['planned']} in the manifest -> {result['index']}")

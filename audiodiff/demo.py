@@ -12,13 +12,13 @@ import os
 import shutil
 
 from audiodiff import checks, ownership, storage
+from audiodiff.clips import summary_line as generate_summary
 from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
-from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.gallery import side_by_side_html
+from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.outputs import GALLERY, read_manifest
-from audiodiff.generate import summary_line as generate_summary
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.preprocess import summary_line as preprocess_summary
 from audiodiff.synth import GENRES, write_examples
@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig) -> dict:
           f"to {audio}", flush=True)
     spectrograms = storage.join(output, "spectrograms")
     stats = run_preprocess(PreprocessConfig(sources=[audio], output=spectrograms, model="tiny", genre_from_folder=True))
-    print(preprocess_summary(stats, spectrograms), flush=True)
+    print(preprocess_summary(stats), flush=True)
     model = storage.join(output, "model")
     print(finetune_summary(run_finetune(TrainConfig(
         data=spectrograms, model="tiny", output=model, epochs=config.epochs, batch_size=8, lr=config.lr,
@@ -104,7 +104,7 @@ def run_demo(config: DemoConfig) -> dict:
         evaluation = EvaluateConfig(clips=storage.join(output, folder), reference=spectrograms,
                                     by_genre=source == model)
         scores[name] = run_evaluate(evaluation)
-        print(evaluate_summary(scores[name], evaluation), flush=True)
+        print(evaluate_summary(scores[name]), flush=True)
         rows = read_manifest(storage.join(output, folder)).to_pylist()
         sections[f"{name} model: Fréchet distance {scores[name]['frechet_distance']:.1f}"] = [
             {**r, "wav": f"{folder}/{r['wav']}", "png": f"{folder}/{r['png']}"} for r in rows]

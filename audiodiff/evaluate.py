@@ -217,7 +217,7 @@ class _Side:
     unit: str  # what an item is: "clips" (generate output), "files" (audio) or "slices" (spectrograms)
     files: list[str]
     mel: MelConfig | None = None
-    genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
+    file_genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
     codec: MelConfig | None = None  # clips: the mel config of the model that made them, where known
     spectrograms: Spectrograms | None = None  # unit "slices": the dataset, opened
 
@@ -247,13 +247,13 @@ def _open_side(name: str, uri: str) -> _Side:
         genres = table["genre"].to_pylist() if "genre" in table.column_names else [None] * len(files)
         models = set(table["model"].to_pylist()) if "model" in table.column_names else set()
         codec = _model_mel(models.pop(), f"--{name} {manifest}: its model") if len(models) == 1 else None
-        return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g}, codec=codec)
+        return _Side(name, uri, "clips", files, file_genres={f: g for f, g in zip(files, genres) if g}, codec=codec)
     files = storage.list_files(uri, AUDIO_EXTENSIONS) if storage.is_dir(uri) else [uri]
     if not files:
         raise AudiodiffError(f"--{name} {uri}: no audio files (chosen by extension: README.md, 'Audio formats'), "
                              "generate output (manifest.parquet) or spectrogram dataset (mel_config.json) there")
     # audio: a file's genre is the name of its folder, as preprocess --genre-from-folder takes it
-    return _Side(name, uri, "files", files, genres={f: folder_genre(f) for f in files})
+    return _Side(name, uri, "files", files, file_genres={f: folder_genre(f) for f in files})
 
 
 def _model_mel(model: str, named: str) -> MelConfig:
@@ -284,7 +284,7 @@ def _items(side: _Side) -> ray.data.Dataset:
         items = {"source": col("image").struct.field("path"), "data": col("image").struct.field("bytes"),
                  "is_image": lit(True), "genre": col("genre") if "genre" in names else lit(""),
                  "track": col("audio_file") if "audio_file" in names else lit("")}
-    else:  # the genres of files are the side's own (`_Side.genres`), set on the driver
+    else:  # the genres of files are the side's own (`_Side.file_genres`), set on the driver
         fs = storage.resolve(side.files[0])[0]
         rows = ray.data.read_binary_files([storage.resolve(f)[1] for f in side.files], filesystem=fs,
                                           include_paths=True, num_cpus=LIGHT_CPUS)
@@ -332,7 +332,7 @@ def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, 
     values = np.asarray(per_vector.flatten(), dtype=np.float32)
     vectors = values.reshape(len(per_vector), -1) if len(per_vector) else values.reshape(0, 0)
     uris = {storage.resolve(f)[1]: f for f in side.files}
-    item_genres = [genre or side.genres.get(uris.get(source), "")
+    item_genres = [genre or side.file_genres.get(uris.get(source), "")
                    for source, genre in zip(rows["source"].to_pylist(), rows["genre"].to_pylist())]
     counts = [len(v) for v in rows["vectors"].to_pylist()]
     genres = np.repeat(np.array(item_genres, dtype=object), counts) if counts else np.array([], dtype=object)
@@ -421,7 +421,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
               "kernel_distance": kernel_distance(vectors["clips"], vectors["reference"], bandwidth, tracks["clips"],
                                                  tracks["reference"]),
               "kernel_bandwidth": bandwidth, "embedding": config.embedding, "mel_config": dataclasses.asdict(mel),
-              **summaries}
+              "output": config.output, **summaries}
     if not config.no_floors:
         rendered, _, rendered_tracks, _, rendered_rejected = (_side_vectors(rows, embedded[2]) if render is not None
                                                               else (None,) * 4 + ([],))
@@ -442,7 +442,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     return result
 
 
-def summary_line(result: dict, config: EvaluateConfig) -> str:
+def summary_line(result: dict) -> str:
     clips, reference = result["clips"], result["reference"]
     rejected = f", {len(result['rejected'])} files rejected" if result["rejected"] else ""
     matrix = "".join(f"\n  {genre} clips to reference " + ", ".join(f"{r} {d:.2f}" for r, d in row.items())
@@ -450,9 +450,9 @@ def summary_line(result: dict, config: EvaluateConfig) -> str:
     floors = "".join(f"\n  floor: {FLOOR_NAMES[name]}: " + _floor_text(floor, result["above_floors"].get(name), name)
                      for name, floor in result.get("floors", {}).items())
     return (f"evaluate: Fréchet distance {result['frechet_distance']:.2f}, kernel distance "
-            f"{result['kernel_distance']:.4f} ({config.embedding} embedding) between {clips['items']} {clips['unit']} "
+            f"{result['kernel_distance']:.4f} ({result['embedding']} embedding) between {clips['items']} {clips['unit']} "
             f"and {reference['items']} reference {reference['unit']}{rejected}"
-            + (f" -> {config.output}" if config.output else "") + floors + matrix)
+            + (f" -> {result['output']}" if result["output"] else "") + floors + matrix)
 
 
 FLOOR_NAMES = {"reference_halves": "the reference's halves against each other",

@@ -18,7 +18,6 @@ import dataclasses
 from audiodiff import checks
 from audiodiff.clips import (ClipSettings, check_long_form, check_output, clip_seed, default_overlap, make_clips,
                              work_dataset)
-from audiodiff.clips import summary_line as clips_summary
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model
@@ -88,6 +87,3 @@ def run_generate(config: GenerateConfig) -> dict:
     title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler_label}, {config.num_steps} steps)"
     return make_clips(config, plan, work_dataset(plan, config), title, overlap=config.overlap)
 
-
-def summary_line(result: dict) -> str:
-    return clips_summary("generate", result)

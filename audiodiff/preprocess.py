@@ -214,7 +214,7 @@ def make_spectrograms(tracks: ray.data.Dataset, mel: MelConfig, config: TrackSet
 
 
 def run_preprocess(config: PreprocessConfig) -> dict:
-    """Run the whole stage on the current Ray; returns the stats written to stats.json."""
+    """Run the whole stage on the current Ray; returns the stats written to stats.json, and the output."""
     ownership.check_apart(config.sources, config.output)
     check_paths_reachable(config.shared_path, config.output, config.sources)
     mel = resolve_mel_config(config)
@@ -222,8 +222,8 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     opened = [open_source(uri, config) for uri in config.sources]
     prepare_output(config.output, mel.to_json(), config.overwrite)
     counts = sum((o.genre_counts for o in opened), collections.Counter())
-    print(genre_table(counts, config.genres), flush=True)
-    missing = [g for g in config.genres if g not in counts]
+    print(genre_table(counts, config.only_genres), flush=True)
+    missing = [g for g in config.only_genres if g not in counts]
     if missing:
         print(f"note: no tracks of genre {', '.join(missing)} in the sources", flush=True)
     tracks = opened[0].dataset.union(*[o.dataset for o in opened[1:]]) if len(opened) > 1 else opened[0].dataset
@@ -231,17 +231,17 @@ def run_preprocess(config: PreprocessConfig) -> dict:
         tracks = tracks.limit(config.limit)
     skipped = sum((o.skipped_by_extension for o in opened), collections.Counter())
     sink = SpectrogramSink(config.output, started, dict(skipped))
-    selected = sum(n for genre, n in counts.items() if not config.genres or genre in config.genres)
+    selected = sum(n for genre, n in counts.items() if not config.only_genres or genre in config.only_genres)
     with worker_errors(), progress.Progress("preprocess", min(selected, config.limit or selected), "tracks",
                                             workers=True) as made:
         make_spectrograms(tracks, mel, config, made.counter).write_datasink(
             sink, ray_remote_args={"num_cpus": LIGHT_CPUS, "max_retries": WORKER_RETRIES})
-    return read_stats(config.output)
+    return {**read_stats(config.output), "output": config.output}
 
 
-def summary_line(stats: dict, output: str) -> str:
+def summary_line(stats: dict) -> str:
     skipped = stats.get("skipped_by_extension")
     return (f"preprocess: {stats['tracks_read']} tracks read, {stats['tracks_written']} written, "
             f"{stats['tracks_rejected']} rejected" + (f", {describe_skipped(skipped)} skipped" if skipped else "")
             + f"; {stats['slices_written']} slices "
-            f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {output}")
+            f"({stats['seconds_of_audio']:.0f} s of audio) in {stats['elapsed_seconds']:.1f} s -> {stats['output']}")

@@ -37,7 +37,7 @@ class TrackSettings:
     """How tracks are read from sources and cut into slices: preprocess's flags (its config adds its own), which
     the audio-to-audio commands take at their defaults."""
 
-    genres: list[str] = dataclasses.field(default_factory=list)  # keep only these genres
+    only_genres: list[str] = dataclasses.field(default_factory=list, metadata={"flag": "--genre"})  # a filter
     genre_from_folder: bool = False
     split: str = "train"
     limit: int | None = None
@@ -111,7 +111,7 @@ def describe_skipped(counts: dict) -> str:
 def _open_audio_files(files: list[str], settings: TrackSettings) -> Tracks:
     genres = {f: folder_genre(f) if settings.genre_from_folder else None for f in files}
     counts = collections.Counter(genres.values())
-    selected = [f for f in files if not settings.genres or genres[f] in settings.genres]
+    selected = [f for f in files if not settings.only_genres or genres[f] in settings.only_genres]
     if not selected:
         return Tracks(ray.data.from_arrow(TRACK_SCHEMA.empty_table()), counts)
     # Blocks of one actor call's tracks: a quarter of the objects a block per track makes Ray's driver schedule
@@ -185,7 +185,7 @@ def _open_saved_dataset(path: str, settings: TrackSettings) -> Tracks:
 def _hf_tracks(dataset: ray.data.Dataset, genres, settings: TrackSettings) -> Tracks:
     """Rows of a Hugging Face audio dataset as tracks of the chosen genres; `genres` is its genre column."""
     tracks = dataset.map_batches(_hf_rows_to_tracks, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
-    return Tracks(filter_genres(tracks, settings.genres), collections.Counter(genres))
+    return Tracks(filter_genres(tracks, settings.only_genres), collections.Counter(genres))
 
 
 def _hf_rows_to_tracks(batch: pa.Table) -> pa.Table:

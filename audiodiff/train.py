@@ -72,7 +72,7 @@ class TrainConfig:
     sample_scheduler: str = sampling.PREVIEW_SAMPLER  # the samples' sampler (audiodiff.sampling.SAMPLERS)
     sample_steps: int = sampling.PREVIEW_STEPS
     seed: int = 0
-    genres: list[str] = dataclasses.field(default_factory=list)
+    only_genres: list[str] = dataclasses.field(default_factory=list, metadata={"flag": "--genre"})  # a filter
     condition: str | None = None  # "genre": one model for every genre of the data, steerable by --genre
     label_dropout: float = 0.1  # share of images trained with the null vector (classifier-free guidance)
     stream: bool = False  # stream the data even if it would fit in the object store
@@ -150,8 +150,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     parts = load_model(config.model, conditional=config.condition is not None)
     unet = parts.unet.to(device).train()
-    genre_model = (GenreConditioned(unet, _initial_vectors(parts, plan.genres, config.seed)).to(device)
-                   if plan.genres else None)
+    genre_model = (GenreConditioned(unet, _initial_vectors(parts, plan.model_genres, config.seed)).to(device)
+                   if plan.model_genres else None)
     trained = genre_model or unet  # what the optimizer and DDP see
     noise_scheduler = sampling.make_scheduler(sampling.TRAINING_SAMPLER, parts.scheduler.config)
     ema_settings = dict(decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4, foreach=True)
@@ -197,7 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if genre_model:  # label dropout: some images train the null vector, for classifier-free guidance
                 labels = torch.from_numpy(batch["label"]).to(device)
                 dropped = torch.rand(labels.shape, generator=generator, device=device) < config.label_dropout
-                conditions = (torch.where(dropped, len(plan.genres), labels),)
+                conditions = (torch.where(dropped, len(plan.model_genres), labels),)
             accumulating = (micro + 1) % config.grad_accum != 0
             sync = model.no_sync() if accumulating and world > 1 else contextlib.nullcontext()
             with sync:
@@ -299,7 +299,7 @@ def run_finetune(config: TrainConfig) -> dict:
     )
     with worker_errors(ray.train.TrainingFailedError):  # a streamed image that is not a PNG of the model's size
         result = trainer.fit()
-    history = export(result.checkpoint, parts, config.output, plan.genres)
+    history = export(result.checkpoint, parts, config.output, plan.model_genres)
     quality = [h for h in history if "frechet_distance" in h]
     return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,
             "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],

@@ -58,7 +58,7 @@ class RunPlan:
     in_memory: bool
     blocks: list | None  # refs of {column: array} blocks when the data is held in the object store
     holdout: object  # ref of uint8 [n, height, width]
-    genres: list[str] | None = None  # a genre model's genres, in the order of their vectors (then the null one)
+    model_genres: list[str] | None = None  # a genre model's genres, in the order of its vectors (then the null one)
 
     @property
     def threads(self) -> int:
@@ -96,7 +96,7 @@ def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool, size: tup
     return chosen.select_columns(keyed).map_batches(decode_labelled, num_cpus=LIGHT_CPUS)
 
 
-class LatentEncoder:
+class LatentDistributions:
     """A latent model's images -> their latent distributions (the VAE encoder's mean and log-variance, as
     `latent`), computed once before training on the workers' devices; each step draws its latents from them,
     as encoding every batch would (teticio's `train_unet.py --vae`), without running the encoder again."""
@@ -137,14 +137,14 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                              f"preprocess with --model {config.model}")
     # blocks in file order, so a seeded permutation picks the same images on every run
     with _ordered(), worker_errors():
-        dataset = data.read(config.genres, shuffle_seed=None if not config.stream else config.seed)
+        dataset = data.read(config.only_genres, shuffle_seed=None if not config.stream else config.seed)
         if not {"audio_file", "slice"} <= set(data.columns):
             raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(data.columns)}); "
                                  "preprocess the audio with audiodiff")
         total_rows = dataset.count()
         if total_rows == 0:
-            raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.genres)}" if config.genres
-                                 else f"{config.data}: the dataset is empty")
+            raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.only_genres)}"
+                                 if config.only_genres else f"{config.data}: the dataset is empty")
         if total_rows == 1:
             raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
         if config.condition == "genre" and "genre" not in data.columns:
@@ -160,7 +160,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
         in_memory = (fits and not config.stream) or parts.vqvae is not None
         if parts.vqvae is not None:
-            train = train.map_batches(LatentEncoder, fn_constructor_args=(config.model, config.gpu),
+            train = train.map_batches(LatentDistributions, fn_constructor_args=(config.model, config.gpu),
                                       batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
                                       num_cpus=1 if config.gpu else ACTOR_CPUS,
                                       compute=ray.data.ActorPoolStrategy(size=config.num_workers))
@@ -184,7 +184,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                       max(1, int(min(largest_node("CPU"), cluster_capacity("CPU") / config.num_workers)))
                                       if in_memory else 0.5)
     plan = RunPlan(rows=rows, holdout_rows=len(held), steps_per_epoch=steps_per_epoch, total_steps=total,
-                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout, genres=genres)
+                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout, model_genres=genres)
     return plan, datasets
 
 

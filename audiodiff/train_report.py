@@ -43,7 +43,7 @@ class Reporter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.unet, self.ema, self.ema_vectors, self.mel = config, unet, ema, ema_vectors, parts.mel
-        self.genres = plan.genres
+        self.model_genres = plan.model_genres
         self.vqvae, self.device = parts.vqvae, device
         self.scheduler = sampling.make_scheduler(config.sample_scheduler, parts.scheduler.config)
         self.codec = MelCodec(parts.mel, device=device)
@@ -63,11 +63,12 @@ class Reporter:
     def write_samples(self, step: int) -> dict:
         config, mel = self.config, self.mel
         seeds = list(range(config.num_samples))
-        genres = [self.genres[s % len(self.genres)] for s in seeds] if self.genres else [None] * len(seeds)
+        known = self.model_genres
+        genres = [known[s % len(known)] for s in seeds] if known else [None] * len(seeds)
         conditions = {}
-        if self.genres:  # the samples go round the genres, each from the EMA of its vector
+        if known:  # the samples go round the genres, each from the EMA of its vector
             vectors = self.ema_vectors.shadow_params[0]
-            conditions["encoding"] = vectors[[s % len(self.genres) for s in seeds]][:, None, :]
+            conditions["encoding"] = vectors[[s % len(known) for s in seeds]][:, None, :]
         self.ema.store(self.unet.parameters())
         self.ema.copy_to(self.unet.parameters())
         self.unet.eval()  # as the exported model runs (dropout off), in the run's precision
@@ -166,15 +167,16 @@ def loss_curve_png(history: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str, genres: list[str] | None) -> list[dict]:
+def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str,
+           model_genres: list[str] | None) -> list[dict]:
     """Write the EMA weights (and a genre model's EMA genre vectors) as a pipeline folder (with the model's own
     scheduler class), with metrics.jsonl and loss.png beside the components."""
     with checkpoint.as_directory() as folder:
         load_ema(folder, type(parts.unet)).copy_to(parts.unet.parameters())
-        if genres:
+        if model_genres:
             vectors = torch.load(os.path.join(folder, GENRES_STATE), map_location="cpu",
                                  weights_only=True)["ema"]["shadow_params"][0]
-            parts.conditioning = Conditioning(names=genres, vectors=vectors[:-1], null=vectors[-1])
+            parts.conditioning = Conditioning(names=model_genres, vectors=vectors[:-1], null=vectors[-1])
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
     save_model(parts, output)
