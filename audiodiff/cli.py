@@ -29,15 +29,15 @@ class StageParser(argparse.ArgumentParser):
         if self._described:
             return
         self._described = True
-        from audiodiff import sampling
-
         module, name = self.config.split(":")
         fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(f"audiodiff.{module}"), name))}
-        names = ", ".join(sampling.SAMPLERS)
-        steps = ", ".join(f"{sampler.default_steps} for {name}" for name, sampler in sampling.SAMPLERS.items())
         for action in self._actions:
-            if action.help:
-                action.help = action.help.replace("{samplers}", names).replace("{sampler_steps}", steps)
+            if action.help and "{sampler" in action.help:
+                from audiodiff import sampling  # diffusers' schedulers: only for the stages that sample
+
+                steps = ", ".join(f"{s.default_steps} for {n}" for n, s in sampling.SAMPLERS.items())
+                action.help = action.help.replace("{samplers}", ", ".join(sampling.SAMPLERS))
+                action.help = action.help.replace("{sampler_steps}", steps)
             field = fields.get(action.dest)
             unset = field is None or any(field.default is v for v in (None, False, dataclasses.MISSING))
             if unset or "default" in (action.help or ""):
