@@ -31,6 +31,29 @@ def test_every_subcommand_help_ends_with_examples_that_parse(stage, capsys):
         assert argv[0] == stage and cli.build_parser().parse_args(argv).stage == stage, example
 
 
+def test_each_flags_help_states_the_default_of_its_config_field_and_the_samplers_of_sampling(capsys):
+    from audiodiff import sampling
+    from audiodiff.remix import RemixConfig
+    from audiodiff.train import TrainConfig
+
+    assert exit_code(["finetune", "--help"]) == 0
+    finetune = " ".join(capsys.readouterr().out.split())
+    assert f"peak learning rate (default: {TrainConfig.lr:g})" in finetune
+    assert f"denoising steps of the samples (default: {TrainConfig.sample_steps})" in finetune
+    assert exit_code(["remix", "--help"]) == 0
+    remix = re.sub(r"(?<=\w)- (?=\w)", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps at hyphens
+    assert f"{', '.join(sampling.SAMPLERS)} (default: {RemixConfig.scheduler})" in remix
+    assert f"{sampling.SAMPLERS['unipc'].default_steps} for unipc" in remix
+
+
+def test_the_command_parses_without_importing_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = "import sys; from audiodiff.cli import build_parser; build_parser(); print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 @pytest.mark.parametrize("argv", [[], ["generate"], ["generate", "--model", "tiny", "--output", "x", "--steps", "many"],
                                   ["no-such-stage"]])
 def test_usage_errors_exit_2_with_the_usage(argv, capsys):
@@ -158,7 +181,7 @@ def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, ref
 
 
 def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
-    from audiodiff import clips, dataset, models, preprocess, train
+    from audiodiff import clips, dataset, models, preprocess, sources, train, train_checkpoint
     from audiodiff.errors import AudiodiffError
     from audiodiff.generate import GenerateConfig
 
@@ -171,8 +194,7 @@ def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
     not_parquet = tmp_path / "tracks" / "train.parquet"
     not_parquet.parent.mkdir()
     not_parquet.write_text("a text file named .parquet")
-    config = preprocess.PreprocessConfig(sources=[str(not_parquet.parent)], output=str(tmp_path / "out"))
-    refused(lambda: preprocess.open_source(str(not_parquet.parent), config), str(not_parquet), "as parquet")
+    refused(lambda: sources.open_source(str(not_parquet.parent), sources.TrackSettings()), str(not_parquet), "as parquet")
 
     latin1 = tmp_path / "mel_config.json"
     latin1.write_bytes('{"x_res": 64, "note": "café"}'.encode("latin-1"))
@@ -193,11 +215,11 @@ def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
     (saved / "train" / "state.json").write_text("[]")
     refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: expected a JSON object")
 
-    checkpoint = tmp_path / "run" / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    checkpoint = tmp_path / "run" / "checkpoints" / train_checkpoint.RUN_NAME / "checkpoint_0"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text('{"step": 5, "config": {')
     resumed = train.TrainConfig(data="d", model="tiny", output=str(tmp_path / "run"), resume=True)
-    refused(lambda: train._check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
+    refused(lambda: train_checkpoint.check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
 
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "generation.json").write_text('{"model": "tiny",')

@@ -89,7 +89,7 @@ def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
         assert result["copies"] == copies and result["threshold_db"] == COPY_THRESHOLD_DB
         assert json.loads((tmp_path / f"{clips.name}.json").read_text())["memorisation"] == result
         assert f"memorisation: {copies} of {len(result['clips'])} clips a near-copy" in summary_line(
-            {"memorisation": result}, config)
+            {"memorisation": result, "output": config.output})
     exact = result["clips"][0]
     assert exact["distance"] == 0 and exact["audio_file"].endswith("drone.wav") and exact["shift"] == 0
 
