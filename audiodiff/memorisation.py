@@ -26,7 +26,7 @@ import torch
 
 from audiodiff import progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
-from audiodiff.dataset import MEL_CONFIG, columns, decode_images, first_image_size, read_spectrograms
+from audiodiff.dataset import decode_images, mel_config, open_spectrograms
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
@@ -101,16 +101,14 @@ def training_mel(training: str) -> MelConfig:
     """The mel config of a spectrogram dataset (its `mel_config.json`; teticio's hub datasets have none: diffusers'
     defaults at their images' size); refuses anything that is not a spectrogram dataset, naming it."""
     try:
-        names = columns(training)
+        spectrograms = open_spectrograms(training)
+        names = spectrograms.columns
         missing = [c for c in ("image", "audio_file", "slice") if c not in names]
         if missing:
             raise AudiodiffError(f"{training}: not a spectrogram dataset (no {', '.join(missing)} column; columns: "
                                  f"{', '.join(names)}); give the output of `audiodiff preprocess`")
-        mel_json = storage.join(training, MEL_CONFIG)
-        if storage.exists(mel_json):
-            return MelConfig.from_json(storage.read_text(mel_json), mel_json)
-        height, width = first_image_size(training)
-        return MelConfig(x_res=width, y_res=height)
+        height, width = spectrograms.first_image_size()
+        return mel_config(training) or MelConfig(x_res=width, y_res=height)
     except AudiodiffError as e:
         raise AudiodiffError(f"--training {e}") from None
 
@@ -178,7 +176,7 @@ def nearest_training_slices(windows: Windows, training: str, mel: MelConfig, k: 
     """Per window, on the current Ray: its nearest training slice among the k nearest by embedding, at its best
     alignment: {"audio_file", "slice", "distance" (mean dB apart), "shift"} as arrays [n windows]; and "slices",
     the training slices searched."""
-    data = read_spectrograms(training).select_columns(["image", "audio_file", "slice"])
+    data = open_spectrograms(training).read().select_columns(["image", "audio_file", "slice"])
     blocks = data.map_batches(_nearest_by_embedding, fn_args=(ray.put(slice_vectors(windows.images, mel)), k, mel,
                                                               training),
                               batch_size=TRAINING_BATCH, batch_format="numpy", num_cpus=LIGHT_CPUS)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audiodiff import storage
-from audiodiff.dataset import SLICE_SCHEMA, decode_images, read_spectrograms
+from audiodiff.dataset import SLICE_SCHEMA, decode_images, open_spectrograms
 from audiodiff.devices import cpu_name
 from audiodiff.encode import png_bytes
 from audiodiff.memorisation import MAX_SHIFT_SHARE, check_clips
@@ -74,7 +74,7 @@ def brute_force(clips: np.ndarray, training: str) -> tuple[np.ndarray, np.ndarra
     pair and shift, in numpy, with the training set read and decoded into memory; (index, distance in dB, s)."""
     started = time.perf_counter()
     decoded = [decode_images(batch, (MEL.y_res, MEL.x_res))["image"]
-               for batch in read_spectrograms(training).iter_batches(batch_size=1024, batch_format="numpy")]
+               for batch in open_spectrograms(training).read().iter_batches(batch_size=1024, batch_format="numpy")]
     slices = np.concatenate(decoded).astype(np.int16)
     shift_max, width = int(MEL.x_res * MAX_SHIFT_SHARE), MEL.x_res
     nearest, distances = [], []
