@@ -115,9 +115,10 @@ def _run_finetune(args) -> None:
 def _sweep_parser(subparsers, common) -> None:
     p = subparsers.add_parser(
         "sweep", parents=[common], help="hyperparameter sweep of fine-tunes on Ray Tune (ASHA stops lagging trials)",
-        epilog="example:\n  audiodiff sweep --data out/spectrograms --model tiny --output out/sweep --trials 8 "
-               "--max-steps 2000 --sample-every 250\n  audiodiff sweep ... --space space.yaml   # e.g. lr: "
-               "{loguniform: [1.0e-5, 1.0e-3]}\n                                          #      batch_size: {choice: [2, 4]}",
+        epilog="space.yaml, for example:\n  lr: {loguniform: [1.0e-5, 1.0e-3]}\n  batch_size: {choice: [2, 4]}\n\n"
+               "example:\n  audiodiff sweep --data out/spectrograms --model tiny --output out/sweep --trials 8 "
+               "--max-steps 2000 --sample-every 250\n  audiodiff sweep --data out/spectrograms --model tiny "
+               "--output out/sweep --space space.yaml --epochs 5",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="spectrogram dataset, path or URI")
     p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")

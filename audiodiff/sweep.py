@@ -29,11 +29,12 @@ from ray.tune.schedulers import ASHAScheduler
 from audiodiff import ownership, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import load_model, save_model
-from audiodiff.runtime import cluster_capacity
+from audiodiff.runtime import LIGHT_CPUS, cluster_capacity, init_ray
 from audiodiff.train import TrainConfig, run_finetune
 
 METRIC = "frechet_distance"
 EXPERIMENT = "tune"
+TRIAL_CPUS = LIGHT_CPUS  # a trial's function only waits on its Train run (whose workers ask for their own CPUs)
 REDUCTION_FACTOR = 2  # ASHA keeps the better half of the trials at each rung
 # TrainConfig fields a sweep sets itself, or that do not change what a trial computes: not in a search space
 NOT_SEARCHED = {"data", "model", "output", "resume", "stop_at_step", "shared_path", "max_failures", "num_workers",
@@ -140,6 +141,7 @@ class QualityToTune(TuneReportCallback):
 def trial(settings: dict, base: dict) -> None:
     """One trial: a fine-tune with the sampled settings into trials/<trial id>/; a restored trial goes on from its
     Train run's last checkpoint (--resume)."""
+    init_ray()  # joins the sweep's Ray; in this worker too, Ray Data's progress bars only on terminals
     trial_id = ray.tune.get_context().get_trial_id()
     config = TrainConfig(**{**base, **settings, "output": storage.join(base["output"], trial_id), "resume": True})
     run_finetune(config, callbacks=[QualityToTune()])
@@ -196,8 +198,11 @@ def run_sweep(config: SweepConfig) -> dict:
     fs, root = storage.resolve(config.output)
     experiment = storage.join(config.output, EXPERIMENT)
     concurrent = config.concurrent or (max(1, int(cluster_capacity("GPU")) // base.num_workers) if base.gpu else 1)
-    # the trial's function only waits on its Train run, whose workers ask for the CPUs and GPUs
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial, base=dataclasses.asdict(base)), {"CPU": 0})
+    if not (base.gpu or base.cpus_per_worker):  # a plain finetune's workers would take every CPU, the trials' too
+        base = dataclasses.replace(base, cpus_per_worker=max(LIGHT_CPUS, (
+            cluster_capacity("CPU") - concurrent * (TRIAL_CPUS + LIGHT_CPUS)) / (concurrent * base.num_workers)))
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial, base=dataclasses.asdict(base)),
+                                        {"CPU": TRIAL_CPUS})
     if restoring and ray.tune.Tuner.can_restore(experiment):
         print(f"sweep: resuming the sweep in {config.output}", flush=True)
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
