@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import socket
 import sys
-from urllib.parse import urlparse
 
 from audiodiff import __version__
 from audiodiff.errors import AudiodiffError
@@ -28,7 +25,7 @@ def _preprocess_parser(subparsers, common) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="audio folder or URI, parquet folder/URI, saved dataset, hf:// path or hub dataset id")
     p.add_argument("--output", required=True, help="where the spectrogram dataset goes (path, s3://, gs://)")
-    p.add_argument("--genre", action="append", dest="genres", help="keep this genre (repeatable)")
+    p.add_argument("--genre", action="append", dest="only_genres", help="keep this genre (repeatable)")
     p.add_argument("--limit", type=int, help="at most N tracks")
     p.add_argument("--slices", choices=("all", "random"),
                    help="every full slice of each track, or one random slice per track (the notebook's choice)")
@@ -50,7 +47,7 @@ def _run_preprocess(args) -> None:
 
     config = _config(PreprocessConfig, args)
     _init_ray(args)
-    print(summary_line(run_preprocess(config), config.output))
+    print(summary_line(run_preprocess(config)))
 
 
 def _finetune_parser(subparsers, common) -> None:
@@ -93,7 +90,7 @@ def _training_flags(p) -> None:
     p.add_argument("--num-samples", type=int, help="clips per sample step (default: 8)")
     p.add_argument("--sample-scheduler", help=f"the samples' sampler: {SCHEDULER_NAMES} (default: ddim, eta 1)")
     p.add_argument("--sample-steps", type=int, help="denoising steps of the samples (default: 20)")
-    p.add_argument("--genre", action="append", dest="genres", help="train on this genre (repeatable)")
+    p.add_argument("--genre", action="append", dest="only_genres", help="train on this genre (repeatable)")
     p.add_argument("--condition", choices=("genre",),
                    help="train one model for every genre of the data, steered at generation by --genre")
     p.add_argument("--label-dropout", type=float,
@@ -198,7 +195,8 @@ def _generate_parser(subparsers, common) -> None:
 
 
 def _run_generate(args) -> None:
-    from audiodiff.generate import GenerateConfig, run_generate, summary_line
+    from audiodiff.clips import summary_line
+    from audiodiff.generate import GenerateConfig, run_generate
 
     config = _config(GenerateConfig, args)
     _init_ray(args)
@@ -247,7 +245,7 @@ def _run_audio_to_audio(args) -> None:
                          "interpolate": (remix.InterpolateConfig, remix.run_interpolate)}[args.stage]
     config = _config(config_class, args)
     _init_ray(args)
-    print(summary_line(args.stage, run(config)))
+    print(summary_line(run(config)))
 
 
 def _demo_parser(subparsers, common) -> None:
@@ -298,7 +296,7 @@ def _run_evaluate(args) -> None:
 
     config = _config(EvaluateConfig, args)
     _init_ray(args)
-    print(summary_line(run_evaluate(config), config))
+    print(summary_line(run_evaluate(config)))
 
 
 def _config(config_class, args):
@@ -313,34 +311,9 @@ def _given(config_class, args) -> dict:
 
 
 def _init_ray(args) -> None:
-    from audiodiff.runtime import init_ray
+    from audiodiff.runtime import connect
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    named = f"--address {args.address}" if args.address else f"RAY_ADDRESS={address}"
-    if address:
-        _check_reachable(address, named)
-    try:
-        init_ray(args.address)
-    except ConnectionError as e:
-        raise AudiodiffError(f"{named}: cannot join the Ray cluster there ({str(e).splitlines()[0]})") from None
-
-
-def _check_reachable(address: str, named: str) -> None:
-    """Ray retries an address where nothing answers for minutes before it gives up; one connection says so in
-    seconds. `auto` and `local` name no host."""
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        raise AudiodiffError(f"{named}: not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)") from None
-    if not (host and port):
-        return
-    try:
-        socket.create_connection((host, port), timeout=10).close()
-    except OSError as e:
-        raise AudiodiffError(f"{named}: no Ray cluster answers there ({e.strerror or e}); give the head's address "
-                             "(`ray status` on the head prints it), or leave out --address and RAY_ADDRESS for a "
-                             "local Ray") from None
+    connect(args.address)
 
 
 STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_finetune_parser, _run_finetune),

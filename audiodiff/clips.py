@@ -31,9 +31,10 @@ from audiodiff import checks, devices, ownership, progress, sampling, storage
 from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
-from audiodiff.mel import MelCodec, is_silent
+from audiodiff.mel import MelCodec, MelConfig, is_silent
 from audiodiff.models import load_mel_config, load_model, model_identity
-from audiodiff.outputs import MANIFEST_SCHEMA, PEAK_DBFS, ClipSink, finished_clips, write_manifest_and_gallery
+from audiodiff.outputs import (GALLERY, MANIFEST, MANIFEST_SCHEMA, PEAK_DBFS, SETTINGS, ClipSink, finished_clips,
+                               write_manifest_and_gallery)
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \
     worker_errors
 from audiodiff.unets import clip_bytes
@@ -57,7 +58,7 @@ class ClipSettings:
     command: typing.ClassVar[str]  # the command's name, in its progress lines
     model: str
     output: str
-    scheduler: str = "ddpm"
+    scheduler: str = sampling.GENERATE_SAMPLER
     steps: int | None = None
     karras: bool = False  # Karras sigmas, for the schedulers that take them
     eta: float = 0.0
@@ -151,6 +152,32 @@ def device_record(device: torch.device, precision: str) -> dict:
 def clip_seed(*keys: int) -> int:
     """A clip's seed from the run's seed and what tells the clip apart (its kind, index, variation ...)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def default_overlap(mel: MelConfig) -> float:
+    """Half of what a window can keep (its width less its end frames), at most 2 s: 2 s for 256-frame models,
+    about 0.68 s for the tiny preset's 64 frames (a 1.46 s window)."""
+    return min(2.0, mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate / 2)
+
+
+# The vocoder works in bounded windows, but a clip's own audio (4 bytes a sample, 318 MB an hour at 22050 Hz), its
+# WAV and its PNG are held whole by the actor that makes it, times the batch: one hour bounds that.
+MAX_CLIP_SECONDS = 3600
+
+
+def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
+    """A long clip must be longer than one window, and each window must add something to the one before."""
+    window = mel.samples_for_width(mel.x_res) / mel.sample_rate
+    if seconds <= window:
+        raise AudiodiffError(f"--seconds {seconds:g} is not longer than one window ({window:.2f} s); "
+                             "ask for more, or make standard clips")
+    if seconds > MAX_CLIP_SECONDS:
+        raise AudiodiffError(f"--seconds {seconds:g} is over {MAX_CLIP_SECONDS} (one hour): a clip is held whole "
+                             "(its audio, WAV and PNG) by the actor that makes it; make several shorter ones")
+    usable = mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate
+    if not 0 < mel.frames_in(overlap) < mel.x_res - 2 * mel.edge_frames:
+        raise AudiodiffError(f"--overlap {overlap:g} s must be shorter than one window less its end frames "
+                             f"({usable:.2f} s) and at least one frame ({mel.hop_length / mel.sample_rate:.3f} s)")
 
 
 class ClipMaker:
@@ -311,7 +338,7 @@ def check_output(config: ClipSettings, command: str) -> None:
     """The output must be new, empty or an earlier output of `command` (ownership), one every node writes to, and
     clips already under it must come from the same settings; the first write also proves the output is writable
     before any work starts."""
-    path = storage.join(config.output, "generation.json")
+    path = storage.join(config.output, SETTINGS)
     previous = ownership.read_record(path) if storage.exists(path) else None
     if previous is None:
         found = ownership.names_in(config.output)
@@ -321,8 +348,7 @@ def check_output(config: ClipSettings, command: str) -> None:
         raise AudiodiffError(f"{config.output}: holds the output of `{previous[ownership.WRITTEN_BY]}`; "
                              f"`audiodiff {command}` replaces only its own output: choose another --output")
     else:
-        ours = {"manifest.parquet": lambda uri: ownership.is_our_parquet(uri, MANIFEST_SCHEMA),
-                "index.html": ownership.is_our_gallery}
+        ours = {MANIFEST: lambda uri: ownership.is_our_parquet(uri, MANIFEST_SCHEMA), GALLERY: ownership.is_our_gallery}
         uris = {name: storage.join(config.output, name) for name in ours}
         foreign = [name for name, check in ours.items() if storage.exists(uris[name]) and not check(uris[name])]
         if foreign:
@@ -343,7 +369,7 @@ def check_output(config: ClipSettings, command: str) -> None:
 
 def record_devices(output: str, made_on: set[str]) -> None:
     """Adds to generation.json's `made_on` the device records (device_record, as JSON) of a run's actors."""
-    path = storage.join(output, "generation.json")
+    path = storage.join(output, SETTINGS)
     settings = json.loads(storage.read_bytes(path))
     known = {json.dumps(record, sort_keys=True) for record in settings.get("made_on", [])}
     settings["made_on"] = [json.loads(record) for record in sorted(known | made_on)]
@@ -375,7 +401,8 @@ def make_clips(config: ClipSettings, plan: list[dict], work: ray.data.Dataset, t
     if missing:
         raise AudiodiffError(f"{config.output}: {len(missing)} clips were not written ({', '.join(missing[:5])}...)")
     index = write_manifest_and_gallery(config.output, plan, title)
-    return {"planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo), "index": index}
+    return {"command": config.command, "planned": len(plan), "written": len(todo), "skipped": len(plan) - len(todo),
+            "index": index}
 
 
 def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
@@ -388,7 +415,7 @@ def work_dataset(rows: list[dict], config: ClipSettings) -> ray.data.Dataset:
     return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)] or [table])
 
 
-def summary_line(stage: str, result: dict) -> str:
+def summary_line(result: dict) -> str:
     rejected = f", {result['rejected']} inputs rejected (rejects.parquet)" if result.get("rejected") else ""
-    return (f"{stage}: {result['written']} clips written, {result['skipped']} already there{rejected}, "
+    return (f"{result['command']}: {result['written']} clips written, {result['skipped']} already there{rejected}, "
             f"{result['planned']} in the manifest -> {result['index']}")

@@ -20,7 +20,7 @@ import torch
 from audiodiff import storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts
-from audiodiff.outputs import CLIPS_DIR
+from audiodiff.outputs import clip_files
 
 
 def read_encodings(uri: str) -> dict[str, torch.Tensor]:
@@ -104,8 +104,7 @@ def conditioned(rows: list[dict], column: str | None, names: list[str]) -> list[
             continue
         for name in names:
             clip_id = f"{row['clip_id']}-{_slug(name)}"
-            out.append({**row, column: name, "clip_id": clip_id, "wav": f"{CLIPS_DIR}/{clip_id}.wav",
-                        "png": f"{CLIPS_DIR}/{clip_id}.png"})
+            out.append({**row, column: name, "clip_id": clip_id, **clip_files(clip_id)})
     return out
 
 

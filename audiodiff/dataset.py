@@ -1,4 +1,5 @@
-"""The spectrogram dataset: its format, the writer preprocess uses and the reader finetune uses.
+"""The spectrogram dataset: its format, the writer preprocess uses and the reader (`open_spectrograms`) that
+finetune and evaluate use.
 
 Our layout under one URI (DESIGN.md, "Spectrogram dataset"):
 ```
@@ -15,6 +16,7 @@ or a `datasets.save_to_disk` folder (`dataset_dict.json` + a split folder of Arr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -33,6 +35,7 @@ from ray.data.expressions import col
 from audiodiff import ownership, storage
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
+from audiodiff.mel import MelConfig
 from audiodiff.runtime import LIGHT_CPUS
 
 SLICE_SCHEMA = pa.schema(
@@ -221,50 +224,84 @@ def spectrogram_files(uri: str) -> list[str]:
     return files
 
 
-def read_spectrograms(uri: str, genres: list[str] = (), shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """A dataset's rows (`image`, and `audio_file`/`slice`/`genre` where present) as a Ray dataset, optionally
-    of some genres only, optionally with its files in an order seeded by `shuffle_seed` and the execution
-    (each epoch of a streamed fine-tune another order)."""
+@dataclasses.dataclass(frozen=True)
+class Spectrograms:
+    """A spectrogram dataset, opened once: its files listed (a recursive LIST on object storage) and its columns
+    read a single time, for every reader (finetune's plan, evaluate)."""
+
+    uri: str
+    files: list[str]
+    columns: list[str]
+
+    def mel_config(self) -> MelConfig | None:
+        """The codec's numbers the images were made with (mel_config.json); teticio's datasets have none."""
+        path = storage.join(self.uri, MEL_CONFIG)
+        return MelConfig.from_json(storage.read_text(path), path) if storage.exists(path) else None
+
+    def read(self, genres: list[str] = (), shuffle_seed: int | None = None) -> ray.data.Dataset:
+        """The rows (`image`, and `audio_file`/`slice`/`genre` where present) as a Ray dataset, optionally of some
+        genres only, optionally with the files in an order seeded by `shuffle_seed` and the execution (each epoch
+        of a streamed fine-tune another order)."""
+        if genres and "genre" not in self.columns:
+            raise AudiodiffError(f"{self.uri}: has no genre column, so --genre cannot choose; leave it out to use "
+                                 "every image")
+        fs = storage.resolve(self.files[0])[0]
+        paths = [storage.resolve(f)[1] for f in self.files]
+        shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+        if self.files[0].endswith(".parquet"):
+            dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=LIGHT_CPUS)
+        else:
+            dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs, shuffle=shuffle),
+                                               num_cpus=LIGHT_CPUS)
+        return filter_genres(dataset, genres)
+
+    def first_image_size(self) -> tuple[int, int]:
+        """(height, width) of the first image, read without starting Ray; checks the format."""
+        fs, path = storage.resolve(self.files[0])
+        try:
+            if path.endswith(".parquet"):
+                column = pq.ParquetFile(path, filesystem=fs).read_row_group(0, columns=["image"])["image"]
+            else:
+                with fs.open_input_stream(path) as f:  # the first batch only, not the whole shard
+                    column = pa.ipc.open_stream(f).read_next_batch().column("image")
+            height, width = png_image(column[0]["bytes"].as_py(), f"{self.uri}: the first image").shape
+        except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
+            raise AudiodiffError(f"{self.uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
+        return height, width
+
+    def count(self) -> int:
+        """How many images, from the parquet footers (or the Arrow files' batches), without starting Ray."""
+        total = 0
+        for file in self.files:
+            fs, path = storage.resolve(file)
+            if path.endswith(".parquet"):
+                total += pq.read_metadata(path, filesystem=fs).num_rows
+            else:
+                with fs.open_input_stream(path) as f:
+                    total += sum(batch.num_rows for batch in pa.ipc.open_stream(f))
+        return total
+
+
+def open_spectrograms(uri: str) -> Spectrograms:
+    """The dataset at `uri` (ours, complete, or teticio's), opened; refuses what is not one, naming it."""
     files = spectrogram_files(uri)
-    fs = storage.resolve(files[0])[0]
-    paths = [storage.resolve(f)[1] for f in files]
-    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    if files[0].endswith(".parquet"):
-        dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=LIGHT_CPUS)
-    else:
-        dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs, shuffle=shuffle), num_cpus=LIGHT_CPUS)
-    if genres and "genre" not in columns(uri):
-        raise AudiodiffError(f"{uri}: has no genre column, so --genre cannot choose; leave it out to use every image")
-    return filter_genres(dataset, genres)
-
-
-def columns(uri: str) -> list[str]:
-    """A dataset's column names, from its first file's schema. Not `Dataset.schema()`: on Arrow stream files
-    that runs a read and cancels it after one block, and such cancellations crashed Ray 2.60's driver
-    ("Tried to complete task that was not pending", a known core race) once in CI."""
-    fs, path = storage.resolve(spectrogram_files(uri)[0])
+    # the first file's schema, not Dataset.schema(): on Arrow stream files that starts a read and cancels it
+    fs, path = storage.resolve(files[0])
     try:
         if path.endswith(".parquet"):
-            return pq.read_schema(path, filesystem=fs).names
-        with fs.open_input_stream(path) as f:
-            return pa.ipc.open_stream(f).schema.names
+            columns = pq.read_schema(path, filesystem=fs).names
+        else:
+            with fs.open_input_stream(path) as f:
+                columns = pa.ipc.open_stream(f).schema.names
     except (OSError, pa.ArrowInvalid) as e:
         raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
+    return Spectrograms(uri, files, columns)
 
 
-def first_image_size(uri: str) -> tuple[int, int]:
-    """(height, width) of a dataset's first image, read without starting Ray; checks the format."""
-    fs, path = storage.resolve(spectrogram_files(uri)[0])
-    try:
-        if path.endswith(".parquet"):
-            column = pq.ParquetFile(path, filesystem=fs).read_row_group(0, columns=["image"])["image"]
-        else:
-            with fs.open_input_stream(path) as f:  # the first batch only, not the whole shard
-                column = pa.ipc.open_stream(f).read_next_batch().column("image")
-        height, width = png_image(column[0]["bytes"].as_py(), f"{uri}: the first image").shape
-    except (OSError, KeyError, IndexError, StopIteration, pa.ArrowInvalid) as e:
-        raise AudiodiffError(f"{uri}: not a spectrogram dataset ({type(e).__name__}: {e})") from None
-    return height, width
+def decode_image(png: bytes, name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One image of the dataset: uint8 [height, width], checked to be a PNG of `size` (height, width) before it
+    is decoded; BadImageError naming `name` otherwise."""
+    return png_image(png, name, size)
 
 
 def decode_images(batch: dict[str, np.ndarray], size: tuple[int, int] | None = None, uri: str = "") -> dict[str, np.ndarray]:
@@ -273,7 +310,7 @@ def decode_images(batch: dict[str, np.ndarray], size: tuple[int, int] | None = N
     BadImageError naming the dataset `uri` and the row (its audio_file and slice, or the image's path)."""
     names = ([f"{a}#{i}" for a, i in zip(batch["audio_file"], batch["slice"])] if "audio_file" in batch else
              [item.get("path") or "an image without a path" for item in batch["image"]])
-    return {"image": np.stack([png_image(item["bytes"], f"{uri}: {name}", size)
+    return {"image": np.stack([decode_image(item["bytes"], f"{uri}: {name}", size)
                                for item, name in zip(batch["image"], names)])}
 
 

@@ -7,20 +7,18 @@ genre: each genre's clips against each genre's audio), on one page."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
 
-import pyarrow.parquet as pq
-
 from audiodiff import checks, ownership, storage
+from audiodiff.clips import summary_line as generate_summary
 from audiodiff.errors import AudiodiffError
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.evaluate import summary_line as evaluate_summary
-from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff.gallery import side_by_side_html
-from audiodiff.generate import summary_line as generate_summary
+from audiodiff.generate import GenerateConfig, run_generate
+from audiodiff.outputs import GALLERY, read_manifest
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.preprocess import summary_line as preprocess_summary
 from audiodiff.synth import GENRES, write_examples
@@ -29,7 +27,7 @@ from audiodiff.train import summary_line as finetune_summary
 
 MARKER = "demo.json"
 # what a demo writes beside its marker, and so what the next demo replaces
-WROTE = ["audio", "spectrograms", "model", "generated-untrained", "generated", "index.html"]
+WROTE = ["audio", "spectrograms", "model", "generated-untrained", "generated", GALLERY]
 GUIDANCE = 5.0  # classifier-free guidance of the genre clips: measured best of 1, 3 and 5 by `evaluate --by-genre`
 SAMPLE_STEPS = 100  # DDPM steps of the demo's clips (see run_demo)
 
@@ -85,7 +83,7 @@ def run_demo(config: DemoConfig) -> dict:
           f"to {audio}", flush=True)
     spectrograms = storage.join(output, "spectrograms")
     stats = run_preprocess(PreprocessConfig(sources=[audio], output=spectrograms, model="tiny", genre_from_folder=True))
-    print(preprocess_summary(stats, spectrograms), flush=True)
+    print(preprocess_summary(stats), flush=True)
     model = storage.join(output, "model")
     print(finetune_summary(run_finetune(TrainConfig(
         data=spectrograms, model="tiny", output=model, epochs=config.epochs, batch_size=8, lr=config.lr,
@@ -106,11 +104,11 @@ def run_demo(config: DemoConfig) -> dict:
         evaluation = EvaluateConfig(clips=storage.join(output, folder), reference=spectrograms,
                                     by_genre=source == model)
         scores[name] = run_evaluate(evaluation)
-        print(evaluate_summary(scores[name], evaluation), flush=True)
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, folder, "manifest.parquet")))).to_pylist()
+        print(evaluate_summary(scores[name]), flush=True)
+        rows = read_manifest(storage.join(output, folder)).to_pylist()
         sections[f"{name} model: Fréchet distance {scores[name]['frechet_distance']:.1f}"] = [
             {**r, "wav": f"{folder}/{r['wav']}", "png": f"{folder}/{r['png']}"} for r in rows]
-    index = storage.join(output, "index.html")
+    index = storage.join(output, GALLERY)
     title = "audiodiff demo: the tiny model before and after fine-tuning (lower Fréchet distance is closer to the data)"
     storage.write_bytes(index, side_by_side_html(title, sections).encode())
     before, after = (scores[n]["frechet_distance"] for n in ("untrained", "fine-tuned"))

@@ -3,33 +3,12 @@ context that applies it, the memory layout of a model for inference, the CPU thr
 pre-flight of a GPU worker (check_gpu_visible). One small module, so that generate, the audio-to-audio
 commands and finetune make these choices alike.
 
-Precision. `fp32` runs the model as it is stored; `bf16` and `fp16` run it under `torch.autocast` (weights
-stay fp32; convolutions, matmuls and attention run in the lower precision, everything else, the sampler's
-updates and the loss included, in fp32). `auto` is resolved once, by the driver, before any work starts:
-- with --gpu: bf16 (about 2x the fp32 throughput on the tensor cores of Ampere and later GPUs);
-- on CPU: bf16 where the driver's CPU computes bf16 natively (x86 `avx512_bf16` or `amx_bf16`: AMD Zen 4
-  and later, Intel Cooper Lake, Sapphire Rapids and later), else fp32. Measured with the tiny model on a Zen 4
-  EPYC: a UNet step per clip at batch 8 takes 11.1 ms in bf16 against 18.2 ms in fp32 on one thread, and 7.3
-  against 14.7 ms on two. The same CPU with its bf16 instructions masked (oneDNN's ONEDNN_MAX_CPU_ISA) emulates
-  bf16: 1.8x slower than fp32 with AVX-512, 5.5x with AVX2 only.
-The driver decides because a clip is a pure function of its precision (DESIGN.md): every actor must use the
-same one, and `generation.json` records it, so it cannot be chosen actor by actor. The driver's CPU stands in
-for the actors' CPUs: they are the same machine on a local Ray, and usually the same kind of machine on a
-CPU cluster. Where they are not, an actor without native bf16 still makes the same clips (up to bf16's
-rounding), only slower, as above; pass --precision to choose. A re-run whose `auto` resolves otherwise (from
-another machine) is refused by the output's settings check, which names `precision`.
-
-TF32. torch runs fp32 convolutions on CUDA as TF32 by default (10 significant bits, where fp32 has 24), so fp32
-would not be what it says: set_fp32_precision turns TF32 off wherever a device is set up, and `tf32` (GPUs
-only) asks for it, for matmuls and convolutions alike, without autocast.
-
-Tolerance. bf16 rounds each noise prediction to 8 significant bits (the tiny model's differs from fp32's by
-at most 0.017); over a deterministic DDIM run of a model that has learned anything this moves a clip by well
-under a grey level on average, less than the vocoder itself loses (tests/test_precision.py states and checks
-the figures). An untrained model's random weights amplify it instead (8.9 grey levels over 10 DDIM steps), as
-does DDIM inversion, so interpolation defaults to fp32 (audiodiff.remix). bf16 also widens the rounding between
-batch sizes: in fp32 a clip agrees across batch sizes to a grey level on under 0.5% of pixels, in bf16 only to
-the bf16 tolerance above (measured: up to 5 grey levels, on 0 to 2.5% of pixels by more than 1).
+`fp32` runs the model as stored; `bf16` and `fp16` run it under `torch.autocast` (weights, the sampler's updates
+and the loss stay fp32). `auto` is bf16 with --gpu, and on CPU bf16 only where the driver's CPU computes it
+natively (emulated bf16 is slower than fp32: BENCHMARKS.md, "Precision"). The driver resolves it once, because a
+clip is a pure function of its precision and `generation.json` records it. `fp32` means IEEE fp32 on GPUs too
+(set_fp32_precision turns torch's default TF32 off); `tf32` asks for TF32. Interpolation defaults to fp32 since
+DDIM inversion amplifies bf16's rounding (tests/test_precision.py states the tolerances).
 """
 
 from __future__ import annotations

@@ -45,20 +45,19 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.expressions import col, lit
 
 from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
-from audiodiff.dataset import spectrogram_files
-from audiodiff.encode import png_image
+from audiodiff.dataset import MEL_CONFIG, Spectrograms, decode_image, open_spectrograms
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
 from audiodiff.models import load_mel_config
+from audiodiff.outputs import MANIFEST, output_file, read_manifest
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 
 DEFAULT_SAMPLE_RATE = 16000  # for an embedding module without a `sample_rate` attribute (VGGish's rate)
@@ -199,7 +198,7 @@ class _Embedder:
         return np.concatenate([self.embedding.of_audio(resample(a, self.render.sample_rate, rate)) for a in slices])
 
     def _decode(self, png: bytes, source: str) -> np.ndarray:
-        return png_image(png, source, (self.mel.y_res, self.mel.x_res))
+        return decode_image(png, source, (self.mel.y_res, self.mel.x_res))
 
 
 def _reason(error: Exception) -> str:
@@ -218,45 +217,43 @@ class _Side:
     unit: str  # what an item is: "clips" (generate output), "files" (audio) or "slices" (spectrograms)
     files: list[str]
     mel: MelConfig | None = None
-    genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
+    file_genres: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> genre, where the data has none
     codec: MelConfig | None = None  # clips: the mel config of the model that made them, where known
+    spectrograms: Spectrograms | None = None  # unit "slices": the dataset, opened
 
 
 def _open_side(name: str, uri: str) -> _Side:
     if not storage.exists(uri):
         raise AudiodiffError(f"--{name} {uri}: not found")
-    mel_json = storage.join(uri, "mel_config.json")
-    manifest = storage.join(uri, "manifest.parquet")
-    if storage.exists(mel_json):
-        mel = MelConfig.from_json(storage.read_text(mel_json), mel_json)
-        parts = spectrogram_files(uri)  # refuses a dataset that preprocess did not finish
-        fs, path = storage.resolve(parts[0])
+    manifest = storage.join(uri, MANIFEST)
+    if storage.exists(storage.join(uri, MEL_CONFIG)):
         try:
-            columns = pq.read_schema(path, filesystem=fs).names
-        except (OSError, pa.ArrowInvalid) as e:
-            raise AudiodiffError(f"--{name} {parts[0]}: not readable parquet ({e})") from None
-        if "image" not in columns:
-            raise AudiodiffError(f"--{name} {parts[0]}: no 'image' column (columns: {', '.join(columns)})")
-        return _Side(name, uri, "slices", parts, mel, codec=mel)
+            data = open_spectrograms(uri)  # refuses a dataset that preprocess did not finish
+        except AudiodiffError as e:
+            raise AudiodiffError(f"--{name} {e}") from None
+        if "image" not in data.columns:
+            raise AudiodiffError(f"--{name} {data.files[0]}: no 'image' column (columns: {', '.join(data.columns)})")
+        mel = data.mel_config()
+        return _Side(name, uri, "slices", data.files, mel, codec=mel, spectrograms=data)
     if storage.exists(manifest):
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
+            table = read_manifest(uri)
             wavs = table["wav"].to_pylist()
         except (OSError, pa.ArrowInvalid, KeyError) as e:
             raise AudiodiffError(f"--{name} {manifest}: not a generate manifest with a 'wav' column ({e})") from None
         if not wavs:
             raise AudiodiffError(f"--{name} {manifest}: lists no clips")
-        files = [storage.join(uri, *wav.split("/")) for wav in wavs]
+        files = [output_file(uri, wav) for wav in wavs]
         genres = table["genre"].to_pylist() if "genre" in table.column_names else [None] * len(files)
         models = set(table["model"].to_pylist()) if "model" in table.column_names else set()
         codec = _model_mel(models.pop(), f"--{name} {manifest}: its model") if len(models) == 1 else None
-        return _Side(name, uri, "clips", files, genres={f: g for f, g in zip(files, genres) if g}, codec=codec)
+        return _Side(name, uri, "clips", files, file_genres={f: g for f, g in zip(files, genres) if g}, codec=codec)
     files = storage.list_files(uri, AUDIO_EXTENSIONS) if storage.is_dir(uri) else [uri]
     if not files:
         raise AudiodiffError(f"--{name} {uri}: no audio files (chosen by extension: README.md, 'Audio formats'), "
                              "generate output (manifest.parquet) or spectrogram dataset (mel_config.json) there")
     # audio: a file's genre is the name of its folder, as preprocess --genre-from-folder takes it
-    return _Side(name, uri, "files", files, genres={f: folder_genre(f) for f in files})
+    return _Side(name, uri, "files", files, file_genres={f: folder_genre(f) for f in files})
 
 
 def _model_mel(model: str, named: str) -> MelConfig:
@@ -282,16 +279,15 @@ def _evaluation_mel(sides: list[_Side]) -> MelConfig:
 def _items(side: _Side) -> ray.data.Dataset:
     """One side's files as `_Embedder`'s rows: an audio file, or a spectrogram slice, per row. Reshaped by
     expressions, which Ray evaluates in its own read tasks (no import of this module and torch there)."""
-    fs = storage.resolve(side.files[0])[0]
-    paths = [storage.resolve(f)[1] for f in side.files]
     if side.unit == "slices":
-        rows = ray.data.read_parquet(paths, filesystem=fs, num_cpus=LIGHT_CPUS)
-        names = pq.read_schema(paths[0], filesystem=fs).names
+        rows, names = side.spectrograms.read(), side.spectrograms.columns
         items = {"source": col("image").struct.field("path"), "data": col("image").struct.field("bytes"),
                  "is_image": lit(True), "genre": col("genre") if "genre" in names else lit(""),
                  "track": col("audio_file") if "audio_file" in names else lit("")}
-    else:  # the genres of files are the side's own (`_Side.genres`), set on the driver
-        rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, num_cpus=LIGHT_CPUS)
+    else:  # the genres of files are the side's own (`_Side.file_genres`), set on the driver
+        fs = storage.resolve(side.files[0])[0]
+        rows = ray.data.read_binary_files([storage.resolve(f)[1] for f in side.files], filesystem=fs,
+                                          include_paths=True, num_cpus=LIGHT_CPUS)
         items = {"source": col("path"), "data": col("bytes"), "is_image": lit(False), "genre": lit(""),
                  "track": col("path")}
     return rows.with_columns({"side": lit(side.name), **items}, num_cpus=LIGHT_CPUS).select_columns(_ITEMS.names)
@@ -320,11 +316,8 @@ def _embed(sides: list[_Side], model: bytes | None, mel: MelConfig, source: str,
 
 
 def _item_count(side: _Side) -> int:
-    """A side's items: its files, or a spectrogram dataset's slices (from its parquet footers)."""
-    if side.unit != "slices":
-        return len(side.files)
-    fs = storage.resolve(side.files[0])[0]
-    return sum(pq.read_metadata(storage.resolve(f)[1], filesystem=fs).num_rows for f in side.files)
+    """A side's items: its files, or a spectrogram dataset's slices."""
+    return side.spectrograms.count() if side.unit == "slices" else len(side.files)
 
 
 def _embed_with_mel(batch: pa.Table, mel: MelConfig, max_seconds: float, render: MelConfig | None) -> pa.Table:
@@ -339,7 +332,7 @@ def _side_vectors(rows: pa.Table, side: _Side) -> tuple[np.ndarray, np.ndarray, 
     values = np.asarray(per_vector.flatten(), dtype=np.float32)
     vectors = values.reshape(len(per_vector), -1) if len(per_vector) else values.reshape(0, 0)
     uris = {storage.resolve(f)[1]: f for f in side.files}
-    item_genres = [genre or side.genres.get(uris.get(source), "")
+    item_genres = [genre or side.file_genres.get(uris.get(source), "")
                    for source, genre in zip(rows["source"].to_pylist(), rows["genre"].to_pylist())]
     counts = [len(v) for v in rows["vectors"].to_pylist()]
     genres = np.repeat(np.array(item_genres, dtype=object), counts) if counts else np.array([], dtype=object)
@@ -428,7 +421,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
               "kernel_distance": kernel_distance(vectors["clips"], vectors["reference"], bandwidth, tracks["clips"],
                                                  tracks["reference"]),
               "kernel_bandwidth": bandwidth, "embedding": config.embedding, "mel_config": dataclasses.asdict(mel),
-              **summaries}
+              "output": config.output, **summaries}
     if not config.no_floors:
         rendered, _, rendered_tracks, _, rendered_rejected = (_side_vectors(rows, embedded[2]) if render is not None
                                                               else (None,) * 4 + ([],))
@@ -449,7 +442,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     return result
 
 
-def summary_line(result: dict, config: EvaluateConfig) -> str:
+def summary_line(result: dict) -> str:
     clips, reference = result["clips"], result["reference"]
     rejected = f", {len(result['rejected'])} files rejected" if result["rejected"] else ""
     matrix = "".join(f"\n  {genre} clips to reference " + ", ".join(f"{r} {d:.2f}" for r, d in row.items())
@@ -457,9 +450,9 @@ def summary_line(result: dict, config: EvaluateConfig) -> str:
     floors = "".join(f"\n  floor: {FLOOR_NAMES[name]}: " + _floor_text(floor, result["above_floors"].get(name), name)
                      for name, floor in result.get("floors", {}).items())
     return (f"evaluate: Fréchet distance {result['frechet_distance']:.2f}, kernel distance "
-            f"{result['kernel_distance']:.4f} ({config.embedding} embedding) between {clips['items']} {clips['unit']} "
+            f"{result['kernel_distance']:.4f} ({result['embedding']} embedding) between {clips['items']} {clips['unit']} "
             f"and {reference['items']} reference {reference['unit']}{rejected}"
-            + (f" -> {config.output}" if config.output else "") + floors + matrix)
+            + (f" -> {result['output']}" if result["output"] else "") + floors + matrix)
 
 
 FLOOR_NAMES = {"reference_halves": "the reference's halves against each other",

@@ -8,7 +8,7 @@ A clip depends only on (model, its seed, kind, scheduler, steps, eta, what it is
 draw of the sampler come from its own generator (audiodiff.sampling). Batched float kernels round
 differently at different batch sizes and CPU thread counts (a lone CPU actor uses all its node's cores, several
 share them: clips.cpu_threads), so across them a clip agrees up to that rounding (in fp32 at most one grey level
-on a small fraction of pixels; bf16's tolerance in audiodiff/devices.py), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
+on a small fraction of pixels; bf16's tolerance in BENCHMARKS.md, "Precision"), not bit for bit. A re-run skips clips whose WAV and PNG both exist.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 from audiodiff import checks
-from audiodiff.clips import ClipSettings, check_output, clip_seed, make_clips, work_dataset
-from audiodiff.clips import summary_line as clips_summary
+from audiodiff.clips import (ClipSettings, check_long_form, check_output, clip_seed, default_overlap, make_clips,
+                             work_dataset)
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.errors import AudiodiffError
-from audiodiff.mel import MelConfig
 from audiodiff.models import PipelineParts, load_model
 from audiodiff.outputs import clip_row
 
@@ -34,7 +33,7 @@ class GenerateConfig(ClipSettings):
     num_extended: int = 0
     extend_factor: float = 4.0
     seconds: float | None = None  # the standard clips become long ones of this many seconds
-    overlap: float | None = None  # seconds each window of a long clip keeps from the one before (default_overlap)
+    overlap: float | None = None  # seconds each window of a long clip keeps from the one before (clips.default_overlap)
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,30 +57,6 @@ def extended_frames(parts: PipelineParts, factor: float) -> int:
         raise AudiodiffError(f"--extend-factor {factor} gives {frames:g} frames; the model halves the width "
                              f"{halvings} times, so the width must be a whole multiple of {2 ** halvings}")
     return int(frames)
-
-
-def default_overlap(mel: MelConfig) -> float:
-    """Half of what a window can keep (its width less its end frames), at most 2 s: 2 s for 256-frame models,
-    about 0.68 s for the tiny preset's 64 frames (a 1.46 s window)."""
-    return min(2.0, mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate / 2)
-# The vocoder works in bounded windows, but a clip's own audio (4 bytes a sample, 318 MB an hour at 22050 Hz), its
-# WAV and its PNG are held whole by the actor that makes it, times the batch: one hour bounds that.
-MAX_CLIP_SECONDS = 3600
-
-
-def check_long_form(mel: MelConfig, seconds: float, overlap: float) -> None:
-    """A long clip must be longer than one window, and each window must add something to the one before."""
-    window = mel.samples_for_width(mel.x_res) / mel.sample_rate
-    if seconds <= window:
-        raise AudiodiffError(f"--seconds {seconds:g} is not longer than one window ({window:.2f} s); "
-                             "ask for more, or make standard clips")
-    if seconds > MAX_CLIP_SECONDS:
-        raise AudiodiffError(f"--seconds {seconds:g} is over {MAX_CLIP_SECONDS} (one hour): a clip is held whole "
-                             "(its audio, WAV and PNG) by the actor that makes it; make several shorter ones")
-    usable = mel.samples_for_width(mel.x_res - 2 * mel.edge_frames) / mel.sample_rate
-    if not 0 < mel.frames_in(overlap) < mel.x_res - 2 * mel.edge_frames:
-        raise AudiodiffError(f"--overlap {overlap:g} s must be shorter than one window less its end frames "
-                             f"({usable:.2f} s) and at least one frame ({mel.hop_length / mel.sample_rate:.3f} s)")
 
 
 def plan_clips(config: GenerateConfig, parts: PipelineParts) -> list[dict]:
@@ -112,6 +87,3 @@ def run_generate(config: GenerateConfig) -> dict:
     title = f"audiodiff: {len(plan)} clips from {config.model} ({config.scheduler_label}, {config.num_steps} steps)"
     return make_clips(config, plan, work_dataset(plan, config), title, overlap=config.overlap)
 
-
-def summary_line(result: dict) -> str:
-    return clips_summary("generate", result)

@@ -29,13 +29,12 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from audiodiff import storage
+from audiodiff import sampling, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
 from audiodiff.unets import full_unet, tiny_unet
 
 # a saved model names its training schedule's class; samplers are built on its config (audiodiff.sampling)
-_SCHEDULER_CLASSES = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 _UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
@@ -310,9 +309,9 @@ def load_model_folder(folder: str, source: str | None = None) -> PipelineParts:
     unet_class, scheduler_class = _named(index, "unet"), _named(index, "scheduler")
     if unet_class not in _UNET_CLASSES:
         raise AudiodiffError(f"{source}: unet {unet_class} is not supported; use one of {sorted(_UNET_CLASSES)}")
-    if scheduler_class not in _SCHEDULER_CLASSES:
+    if scheduler_class not in sampling.PIPELINE_SCHEDULERS:
         raise AudiodiffError(f"{source}: scheduler {scheduler_class} is not supported; "
-                             f"use one of {sorted(_SCHEDULER_CLASSES)}")
+                             f"use one of {sorted(sampling.PIPELINE_SCHEDULERS)}")
     has_vqvae = bool(_named(index, "vqvae"))
     for required in ("unet/config.json", "scheduler/scheduler_config.json", "mel/mel_config.json",
                      *(["vqvae/config.json"] if has_vqvae else [])):
@@ -323,7 +322,7 @@ def load_model_folder(folder: str, source: str | None = None) -> PipelineParts:
     unet = _load_weights(_UNET_CLASSES[unet_class], folder, "unet", source)
     vqvae = _load_weights(AutoencoderKL, folder, "vqvae", source) if has_vqvae else None
     try:
-        scheduler = _SCHEDULER_CLASSES[scheduler_class].from_pretrained(folder, subfolder="scheduler")
+        scheduler = sampling.PIPELINE_SCHEDULERS[scheduler_class].from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, TypeError) as e:
         raise AudiodiffError(f"{source}: cannot load the scheduler ({type(e).__name__}: {e})") from None
     conditioning = (Conditioning.from_pretrained(os.path.join(folder, "conditioning"), source)

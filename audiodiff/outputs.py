@@ -1,5 +1,6 @@
 """What generation leaves for a person: per clip a WAV and a PNG under `clips/`, `manifest.parquet` and a
-gallery page, `index.html` (DESIGN.md, "Generation output"). Used by generate and by the fine-tune's samples.
+gallery page, `index.html` (DESIGN.md, "Generation output"); the one place that names these files. Used by every
+command that makes clips and by the fine-tune's samples.
 
 Files are written whole; a clip counts as done once its PNG exists (the WAV is written first).
 """
@@ -7,6 +8,7 @@ Files are written whole; a clip counts as done once its PNG exists (the WAV is w
 from __future__ import annotations
 
 import io
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,9 @@ from audiodiff.gallery import gallery_html
 from audiodiff.mel import MelConfig
 
 CLIPS_DIR = "clips"
+MANIFEST = "manifest.parquet"
+GALLERY = "index.html"
+SETTINGS = "generation.json"  # the run's settings and the model's identity (audiodiff.clips.check_output)
 MANIFEST_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("seed", pa.int64()), ("kind", pa.string()), ("frames", pa.int32()),
     ("seconds", pa.float64()), ("scheduler", pa.string()), ("steps", pa.int32()), ("model", pa.string()),
@@ -37,6 +42,20 @@ MANIFEST_SCHEMA = pa.schema([
 PEAK_DBFS = -1.0  # saved clips are peak-normalised to this level (teticio's users found them very quiet)
 
 
+def clip_files(clip_id: str) -> dict[str, str]:
+    """A clip's files, relative to the output (as the manifest's `wav` and `png` columns hold them)."""
+    return {"wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png"}
+
+
+def output_file(output: str, relative: str) -> str:
+    """The URI of a file the manifest names (relative, with "/") under `output`."""
+    return storage.join(output, *relative.split("/"))
+
+
+def read_manifest(output: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, MANIFEST))))
+
+
 def clip_row(clip_id: str, seed: int, kind: str, frames: int, mel: MelConfig, scheduler: str, steps: int,
              model: str, **columns) -> dict:
     """A clip's manifest row (MANIFEST_SCHEMA), its files relative to the output; `columns`: the
@@ -46,7 +65,7 @@ def clip_row(clip_id: str, seed: int, kind: str, frames: int, mel: MelConfig, sc
         raise ValueError(f"not manifest columns: {sorted(unknown)}")
     return {"clip_id": clip_id, "seed": seed, "kind": kind, "frames": frames,
             "seconds": mel.samples_for_width(frames) / mel.sample_rate, "scheduler": scheduler, "steps": steps,
-            "model": model, "wav": f"{CLIPS_DIR}/{clip_id}.wav", "png": f"{CLIPS_DIR}/{clip_id}.png", **columns}
+            "model": model, **clip_files(clip_id), **columns}
 
 
 def encode_clip(image: np.ndarray, audio: np.ndarray, sample_rate: int, target_dbfs: float) -> tuple[bytes, bytes]:
@@ -58,8 +77,8 @@ def encode_clip(image: np.ndarray, audio: np.ndarray, sample_rate: int, target_d
 
 
 def write_clip(output: str, wav: str, png: str, wav_data: bytes, png_data: bytes) -> None:
-    storage.write_bytes(storage.join(output, wav), wav_data)
-    storage.write_bytes(storage.join(output, png), png_data)
+    storage.write_bytes(output_file(output, wav), wav_data)
+    storage.write_bytes(output_file(output, png), png_data)
 
 
 class ClipSink(Datasink):
@@ -89,8 +108,9 @@ def finished_clips(output: str) -> set[str]:
     clips = storage.join(output, CLIPS_DIR)
     if not storage.exists(clips):
         return set()
-    names = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(clips)}
-    return {name[:-4] for name in names if name.endswith(".png") and f"{name[:-4]}.wav" in names}
+    files = {f"{CLIPS_DIR}/{uri.rsplit('/', 1)[-1]}" for uri in storage.list_files(clips)}
+    ids = {posixpath.splitext(posixpath.basename(f))[0] for f in files}
+    return {clip_id for clip_id in ids if set(clip_files(clip_id).values()) <= files}
 
 
 def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str:
@@ -98,8 +118,8 @@ def write_manifest_and_gallery(output: str, rows: list[dict], title: str) -> str
     gallery's URI."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buffer)
-    storage.write_if_changed(storage.join(output, "manifest.parquet"), buffer.getvalue())
-    index = storage.join(output, "index.html")
+    storage.write_if_changed(storage.join(output, MANIFEST), buffer.getvalue())
+    index = storage.join(output, GALLERY)
     storage.write_if_changed(index, gallery_html(title, rows).encode())
     return index
 

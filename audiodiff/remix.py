@@ -20,24 +20,25 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from audiodiff import checks, ownership, storage
-from audiodiff.clips import WORK_SCHEMA, ClipSettings, check_output, clip_seed, make_clips, work_dataset
+from audiodiff import checks, ownership, sampling, storage
+from audiodiff.clips import (WORK_SCHEMA, ClipSettings, check_long_form, check_output, clip_seed, default_overlap,
+                             make_clips, work_dataset)
 from audiodiff.conditioning import check_conditioning, condition_names, conditioned
 from audiodiff.dataset import write_rejects
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError
-from audiodiff.generate import check_long_form, default_overlap
 from audiodiff.mel import SILENT, MelConfig
 from audiodiff.models import PipelineParts, load_model
 from audiodiff.outputs import clip_row
-from audiodiff.preprocess import PreprocessConfig, make_spectrograms, open_source
+from audiodiff.preprocess import make_spectrograms
 from audiodiff.runtime import LIGHT_CPUS, worker_errors
+from audiodiff.sources import TrackSettings, open_source
 
 @dataclasses.dataclass
 class RemixConfig(ClipSettings):
     command = "remix"
     sources: list[str] = dataclasses.field(default_factory=list)
-    scheduler: str = "ddim"
+    scheduler: str = sampling.INPUT_SAMPLER
     strength: float = 0.5
     variations: int = 1
     keep_start: float = 0.0  # seconds of each input slice kept as they are, at its start ...
@@ -62,9 +63,9 @@ class RemixConfig(ClipSettings):
 class ContinueConfig(ClipSettings):
     command = "continue"
     sources: list[str] = dataclasses.field(default_factory=list)
-    scheduler: str = "ddim"
+    scheduler: str = sampling.INPUT_SAMPLER
     seconds: float | None = None
-    overlap: float | None = None  # seconds each window keeps from the one before (generate.default_overlap)
+    overlap: float | None = None  # seconds each window keeps from the one before (clips.default_overlap)
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,7 +82,7 @@ class ContinueConfig(ClipSettings):
 class InterpolateConfig(ClipSettings):
     command = "interpolate"
     sources: list[str] = dataclasses.field(default_factory=list)  # the two clips, A and B
-    scheduler: str = "ddim"
+    scheduler: str = sampling.INVERTING_SAMPLER
     points: int = 5  # clips from A to B, both ends included
     # DDIM inversion then sampling magnifies bf16's rounding: an untrained tiny model's ends moved by up to 214
     # grey levels under bf16 autocast against fp32's, so interpolation computes in fp32 unless told otherwise
@@ -91,9 +92,10 @@ class InterpolateConfig(ClipSettings):
         super().__post_init__()
         if len(self.sources) != 2:
             raise AudiodiffError(f"interpolate takes two clips, A and B; got {len(self.sources)}")
-        if self.scheduler != "ddim":
-            raise AudiodiffError(f"--scheduler {self.scheduler}: interpolate inverts the clips with DDIM, which "
-                                 "samples from the inverted noise too; use --scheduler ddim")
+        if self.scheduler != sampling.INVERTING_SAMPLER:
+            raise AudiodiffError(f"--scheduler {self.scheduler}: interpolate inverts the clips with "
+                                 f"{sampling.INVERTING_SAMPLER}, which samples from the inverted noise too; use "
+                                 f"--scheduler {sampling.INVERTING_SAMPLER}")
         checks.at_least(self, 2, "points")
 
     def settings(self) -> dict:
@@ -194,7 +196,7 @@ def run_interpolate(config: InterpolateConfig) -> dict:
     parts = _start(config)
     check_output(config, "interpolate")
     mel = parts.mel
-    tracks = _spectrograms(config.sources, config.output, mel).take_all()
+    tracks = _spectrograms(config.sources, mel).take_all()
     ends = [_only_track(uri, tracks) for uri in config.sources]
     rows = []
     for track in ends:
@@ -234,19 +236,19 @@ def _start(config: ClipSettings) -> PipelineParts:
     return parts
 
 
-def _spectrograms(sources: list[str], output: str, mel: MelConfig) -> ray.data.Dataset:
-    """The tracks of `sources`, decoded, resampled and sliced by preprocess's path; materialized, because the
-    plan and the clips both read them."""
-    config = PreprocessConfig(sources=sources, output=output)
-    opened = [open_source(uri, config).dataset for uri in sources]
+def _spectrograms(sources: list[str], mel: MelConfig) -> ray.data.Dataset:
+    """The tracks of `sources`, decoded, resampled and sliced by preprocess's path (at its default settings);
+    materialized, because the plan and the clips both read them."""
+    settings = TrackSettings()
+    opened = [open_source(uri, settings).dataset for uri in sources]
     tracks = opened[0].union(*opened[1:]) if len(opened) > 1 else opened[0]
     with worker_errors():
-        return make_spectrograms(tracks, mel, config).materialize()
+        return make_spectrograms(tracks, mel, settings).materialize()
 
 
 def _run(config: ClipSettings, parts: PipelineParts, rows_of_track, title: str, overlap: float | None = None) -> dict:
     """Slice the sources, record the rejects, plan every usable track's clips and make them."""
-    made = _spectrograms(config.sources, config.output, parts.mel)
+    made = _spectrograms(config.sources, parts.mel)
     tracks = sorted(made.drop_columns(["pngs"]).take_all(), key=lambda t: t["source"])
     rejects = [{"source": t["source"], "reason": t["reason"]} for t in tracks if t["reason"]]
     write_rejects(config.output, rejects)

@@ -6,11 +6,13 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable
 import traceback
+from collections.abc import Iterable
+from urllib.parse import urlparse
 
 import ray
 
@@ -51,6 +53,37 @@ def init_ray(address: str | None = None) -> None:
         # the dashboard serves the State API that Ray Train's controller queries; on loopback only
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  _temp_dir=private_temp_dir())
+
+
+def connect(address: str | None = None) -> None:
+    """The commands' way in: the cluster at `address` (--address) or RAY_ADDRESS, checked to answer first, else a
+    new local Ray (init_ray)."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    named = f"--address {address}" if address else f"RAY_ADDRESS={given}"
+    if given:
+        _check_reachable(given, named)
+    try:
+        init_ray(address)
+    except ConnectionError as e:
+        raise AudiodiffError(f"{named}: cannot join the Ray cluster there ({str(e).splitlines()[0]})") from None
+
+
+def _check_reachable(address: str, named: str) -> None:
+    """Ray retries an address where nothing answers for minutes before it gives up; one connection says so in
+    seconds. `auto` and `local` name no host."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        raise AudiodiffError(f"{named}: not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)") from None
+    if not (host and port):
+        return
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise AudiodiffError(f"{named}: no Ray cluster answers there ({e.strerror or e}); give the head's address "
+                             "(`ray status` on the head prints it), or leave out --address and RAY_ADDRESS for a "
+                             "local Ray") from None
 
 
 def private_temp_dir() -> str:

@@ -59,6 +59,13 @@ SAMPLERS = {
     "euler-ancestral": Sampler(EulerAncestralDiscreteScheduler, 50),
     "heun": Sampler(HeunDiscreteScheduler, 25, karras=True),  # two UNet evaluations per step but the last
 }
+GENERATE_SAMPLER = "ddpm"  # generate's default: the model's own reverse process
+INPUT_SAMPLER = "ddim"  # remix's and continue's default, from an input image
+INVERTING_SAMPLER = "ddim"  # interpolate's: it inverts its inputs with DDIM and samples from their noise
+TRAINING_SAMPLER = "ddpm"  # the forward (noising) process finetune trains the UNet on
+PREVIEW_SAMPLER, PREVIEW_STEPS = "ddim", 20  # finetune's samples during training
+# The scheduler classes a pipeline folder may name (model_index.json): the two teticio's models come with.
+PIPELINE_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 
 
 def check_scheduler(name: str, karras: bool = False) -> None:
@@ -122,7 +129,7 @@ def latent_shape(unet, vqvae, height: int, width: int) -> tuple[int, int, int]:
     return unet.config.in_channels, height // factor, width // factor
 
 
-def encode_images(vqvae, images: torch.Tensor) -> torch.Tensor:
+def to_unet_space(vqvae, images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> what the UNet denoises (the images in [-1, 1], or their scaled latents)."""
     sample = to_model_space(images)
     if vqvae is None:
@@ -130,7 +137,8 @@ def encode_images(vqvae, images: torch.Tensor) -> torch.Tensor:
     return vqvae.encode(sample.to(vqvae.dtype)).latent_dist.mode() * vqvae.config.scaling_factor
 
 
-def decode_latents(vqvae, sample: torch.Tensor) -> torch.Tensor:
+def from_unet_space(vqvae, sample: torch.Tensor) -> torch.Tensor:
+    """What the UNet denoised -> images in [-1, 1] (a latent model's decoded by its VAE)."""
     if vqvae is None:
         return sample
     return vqvae.decode(sample.to(vqvae.dtype) / vqvae.config.scaling_factor).sample
@@ -180,7 +188,7 @@ def sample(unet, scheduler, generators: list[torch.Generator], height: int, widt
     if start is not None:
         if start.shape != (len(generators), height, width):
             raise AudiodiffError(f"start images are {tuple(start.shape)}; expected {(len(generators), height, width)}")
-        start_latents = encode_images(vqvae, start.to(device))
+        start_latents = to_unet_space(vqvae, start.to(device))
         levels = noise_levels(scheduler, skip).to(device)
     elif keep is not None:
         raise AudiodiffError("frames can be kept only from a start image")
@@ -205,7 +213,7 @@ def sample(unet, scheduler, generators: list[torch.Generator], height: int, widt
         latents = scheduler.step(noise_prediction, t, latents, **step_args).prev_sample
         if keep_latent is not None:  # kept frames re-noised to the level the step has just reached
             latents = torch.where(keep_latent, levels[i + 1, 0] * start_latents + levels[i + 1, 1] * noise, latents)
-    images = to_images(decode_latents(vqvae, latents))
+    images = to_images(from_unet_space(vqvae, latents))
     if keep is not None:  # a latent model's decoder only approximates the input: take kept frames from it
         images = torch.where(_pixel_keep(keep, images.shape, images.device), start.to(images.device), images)
     return images
@@ -241,7 +249,7 @@ def invert(unet, scheduler, images: torch.Tensor, steps: int, *, encoding: torch
     final_alpha = getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0))
     if encoding is not None:
         encoding = encoding.to(device, unet.dtype).expand(images.shape[0], -1, -1)
-    sample = encode_images(vqvae, images.to(device))
+    sample = to_unet_space(vqvae, images.to(device))
     for t in scheduler.timesteps.flip(0):
         previous = int(t) - step
         alpha = scheduler.alphas_cumprod[t]

@@ -207,17 +207,6 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
     return [join(uri, *f[len(path):].lstrip("/").split("/")) for f in files]
 
 
-def download_dir(uri: str, local_dir: str) -> None:
-    """Copy a folder from storage to a local folder."""
-    fs, path = resolve(uri)
-    if not is_dir(uri):
-        raise AudiodiffError(f"{uri}: no such directory")
-    try:
-        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    except OSError as e:
-        raise _storage_error(uri, "cannot download", e) from None
-
-
 def upload_dir(local_dir: str, uri: str, last: tuple[str, ...] = ()) -> None:
     """Copy a local folder's files to storage, each written whole; files named in `last` (relative paths)
     go after the rest, so that a reader who waits for them sees a complete folder."""

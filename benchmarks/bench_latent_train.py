@@ -4,7 +4,7 @@
     python benchmarks/bench_latent_train.py [--steps 40] [--batch-size 8] [--images 256] [--epochs 10]
 
 Both loops run the notebook's step on latents (random timesteps, add_noise, MSE, AdamW). The reference encodes
-each batch with the VAE first; audiodiff encodes each image once (`train.LatentEncoder`, the Ray Data stage's
+each batch with the VAE first; audiodiff encodes each image once (`train_data.LatentDistributions`, the Ray Data stage's
 callable, here called in-process) and each step draws the batch's latents from the cached distributions, as
 the fine-tune loop does. The model: 64x64 spectrograms, an AutoencoderKL of factor 4 (1 latent channel, as
 teticio's latent models), a UNet on the 16x16 latents. Figures: steady-state images/s of each step, the one-off
@@ -24,7 +24,7 @@ from diffusers import AudioDiffusionPipeline, AutoencoderKL, DDPMScheduler, Mel,
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from audiodiff import sampling
-from audiodiff.train import LatentEncoder
+from audiodiff.train_data import LatentDistributions
 from audiodiff.devices import cpu_name
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     images = np.random.default_rng(0).integers(0, 256, (args.images, 64, 64), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as folder:
         tiny_latent_pipeline(folder)
-        encoder = LatentEncoder(folder, gpu=False)
+        encoder = LatentDistributions(folder, gpu=False)
         started = time.perf_counter()
         moments = np.concatenate([encoder({"image": images[i:i + 32]})["latent"] for i in range(0, len(images), 32)])
         encode_s = time.perf_counter() - started

@@ -32,7 +32,7 @@ from audiodiff import models
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
 from audiodiff.runtime import init_ray
 from audiodiff.synth import write_examples
-from audiodiff.dataset import read_spectrograms, spectrogram_files
+from audiodiff.dataset import open_spectrograms, spectrogram_files
 from audiodiff.train import TrainConfig, run_finetune
 from audiodiff.devices import cpu_name
 
@@ -97,13 +97,13 @@ def job_rate(data: str, work: str, name: str, steps: int, batch_size: int, rows:
 def mixing(data: str, batch_size: int) -> dict[str, float]:
     """Mean distinct tracks per batch: a seeded permutation of all rows, against a seeded file order with a
     local shuffle buffer (what the job streams with), against no shuffling at all."""
-    tracks = [r["audio_file"] for r in read_spectrograms(data).select_columns(["audio_file"]).take_all()]
+    tracks = [r["audio_file"] for r in open_spectrograms(data).read().select_columns(["audio_file"]).take_all()]
 
     def distinct(order):
         return float(np.mean([len({tracks[i] for i in order[s:s + batch_size]})
                               for s in range(0, len(order) - batch_size + 1, batch_size)]))
 
-    streamed = [len(set(b["audio_file"])) for b in read_spectrograms(data, shuffle_seed=0).select_columns(["audio_file"])
+    streamed = [len(set(b["audio_file"])) for b in open_spectrograms(data).read(shuffle_seed=0).select_columns(["audio_file"])
                 .iter_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=16 * batch_size,
                               local_shuffle_seed=0)]
     return {"permutation": distinct(np.random.default_rng(0).permutation(len(tracks))),

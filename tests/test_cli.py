@@ -158,7 +158,7 @@ def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, ref
 
 
 def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
-    from audiodiff import clips, dataset, models, preprocess, train
+    from audiodiff import clips, dataset, models, preprocess, sources, train, train_checkpoint
     from audiodiff.errors import AudiodiffError
     from audiodiff.generate import GenerateConfig
 
@@ -171,8 +171,7 @@ def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
     not_parquet = tmp_path / "tracks" / "train.parquet"
     not_parquet.parent.mkdir()
     not_parquet.write_text("a text file named .parquet")
-    config = preprocess.PreprocessConfig(sources=[str(not_parquet.parent)], output=str(tmp_path / "out"))
-    refused(lambda: preprocess.open_source(str(not_parquet.parent), config), str(not_parquet), "as parquet")
+    refused(lambda: sources.open_source(str(not_parquet.parent), sources.TrackSettings()), str(not_parquet), "as parquet")
 
     latin1 = tmp_path / "mel_config.json"
     latin1.write_bytes('{"x_res": 64, "note": "café"}'.encode("latin-1"))
@@ -193,11 +192,11 @@ def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
     (saved / "train" / "state.json").write_text("[]")
     refused(lambda: dataset.saved_dataset_files(str(saved)), "state.json: expected a JSON object")
 
-    checkpoint = tmp_path / "run" / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    checkpoint = tmp_path / "run" / "checkpoints" / train_checkpoint.RUN_NAME / "checkpoint_0"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text('{"step": 5, "config": {')
     resumed = train.TrainConfig(data="d", model="tiny", output=str(tmp_path / "run"), resume=True)
-    refused(lambda: train._check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
+    refused(lambda: train_checkpoint.check_resume(resumed), str(checkpoint / "state.json"), "remove that checkpoint")
 
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "generation.json").write_text('{"model": "tiny",')

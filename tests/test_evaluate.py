@@ -331,12 +331,12 @@ def test_floors_show_clips_at_the_limit_of_their_codec(music, local_ray, tmp_pat
     files = sorted(storage.list_files(reference))
     first, second = (vectors_of_files(files[i::2], FULL) for i in (0, 1))
     assert floors["reference_halves"]["frechet_distance"] == pytest.approx(distance(first, second), rel=1e-4)
-    line = summary_line(result, EvaluateConfig(clips=folder, reference=reference))
+    line = summary_line(result)
     assert "the reference through the clips' codec and Griffin-Lim" in line and "x it" in line
     # without a codec (plain audio, no --clips-model) that floor is not measured, and the summary says why
     plain = run_evaluate(EvaluateConfig(clips=folder, reference=reference))
     assert plain["floors"]["rendered_reference"] is None
-    assert "give --clips-model" in summary_line(plain, EvaluateConfig(clips=folder, reference=reference))
+    assert "give --clips-model" in summary_line(plain)
     assert "floors" not in run_evaluate(EvaluateConfig(clips=folder, reference=reference, no_floors=True))
 
 

@@ -257,7 +257,7 @@ def test_progress_lines_say_done_total_rate_and_time_left_at_most_each_tenth_or_
     assert progress.due(300, done=0, last_done=0, total=100, interval=30)  # but at least every 10 intervals
     assert progress.due(0, done=1, last_done=0, total=100, interval=0) and not progress.due(0, 1, 1, 100, 0)
 def test_seconds_are_bounded_to_an_hour_before_any_work():
-    from audiodiff.generate import check_long_form
+    from audiodiff.clips import check_long_form
     from audiodiff.mel import MelConfig
 
     check_long_form(MelConfig(), 3600, 2)

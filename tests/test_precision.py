@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audiodiff import devices, models, sampling, train
+from audiodiff import devices, models, sampling, train_checkpoint
 from audiodiff.cli import build_parser
 from audiodiff.clips import WORK_SCHEMA, ClipMaker
 from audiodiff.errors import AudiodiffError
@@ -112,18 +112,16 @@ def test_fp16_on_cpu_fp16_training_and_unknown_precisions_are_refused():
 
 
 @pytest.mark.parametrize("gpu, made_with", [(False, "fp32"), (True, "bf16")])
-def test_resume_of_a_checkpoint_from_before_precision_takes_the_precision_it_was_made_with(tmp_path, gpu, made_with):
-    """Checkpoints made before --precision existed record no precision: their runs autocast to bf16 on CUDA and
-    ran fp32 on CPU, so a resume in that precision goes on and one in another is refused, naming both."""
+def test_resume_keeps_the_precision_the_run_was_made_with(tmp_path, gpu, made_with):
+    """A resume in the checkpoint's precision goes on; one in another is refused, naming both."""
     def config(precision):
         return TrainConfig(data="d", model="tiny", output=str(tmp_path), gpu=gpu, precision=precision, resume=True)
 
-    recorded = train.result_settings(config(made_with))
-    del recorded["precision"], recorded["condition"], recorded["label_dropout"]  # settings added since
-    folder = tmp_path / "checkpoints" / train.RUN_NAME / "checkpoint_0"
+    recorded = train_checkpoint.result_settings(config(made_with))
+    folder = tmp_path / "checkpoints" / train_checkpoint.RUN_NAME / "checkpoint_0"
     folder.mkdir(parents=True)
     (folder / "state.json").write_text(json.dumps({"step": 5, "config": recorded, "history": []}))
-    train._check_resume(config(made_with))
+    train_checkpoint.check_resume(config(made_with))
     other = "fp32" if made_with == "bf16" else "bf16"
     with pytest.raises(AudiodiffError, match=f"precision was '{made_with}', now '{other}'"):
-        train._check_resume(config(other))
+        train_checkpoint.check_resume(config(other))

@@ -309,7 +309,8 @@ def test_track_tries_count_dead_workers_only_and_leave_no_files(tmp_path, monkey
 def test_a_long_track_is_cut_block_by_block_into_the_images_of_the_whole_track(tmp_path):
     from audiodiff.audio import resample, to_mono
     from audiodiff.mel import MelCodec
-    from audiodiff.preprocess import TRACK_SCHEMA, SpectrogramMaker
+    from audiodiff.preprocess import SpectrogramMaker
+    from audiodiff.sources import TRACK_SCHEMA
 
     # 60 s: 40 slices, two of the codec's 32-slice batches, each made of many decoded blocks
     stereo = np.stack([synthesize("arpeggio", 60, 44100, seed=5), synthesize("beats", 60, 44100, seed=6)], 1)
@@ -382,10 +383,10 @@ def test_opus_m4a_aiff_and_webm_are_read_and_other_files_are_counted_by_extensio
 
 
 def test_a_folder_without_audio_says_what_it_holds(tmp_path):
-    from audiodiff.preprocess import PreprocessConfig, open_source
+    from audiodiff.sources import TrackSettings, open_source
 
     for name in ("a.txt", "b.txt", "c.jpg"):
         (tmp_path / name).write_text("x")
     with pytest.raises(AudiodiffError, match=r"no audio or parquet files found \(only 3 files of other types "
                                              r"\(\.txt 2, \.jpg 1\)\)"):
-        open_source(str(tmp_path), PreprocessConfig([str(tmp_path)], str(tmp_path / "out")))
+        open_source(str(tmp_path), TrackSettings())

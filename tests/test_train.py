@@ -177,7 +177,8 @@ def test_resumed_mid_epoch_ends_with_the_weights_and_optimizer_state_of_an_unint
 def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
     import ray
 
-    from audiodiff.train import InMemoryImages, RunPlan, TrainConfig
+    from audiodiff.train import TrainConfig
+    from audiodiff.train_data import InMemoryImages, RunPlan
 
     # 8 tracks of 12 consecutive slices each, as preprocess writes them; each image holds its track's number
     tracks = np.repeat(np.arange(8, dtype=np.uint8), 12)[:, None, None] * np.ones((1, 2, 2), np.uint8)
@@ -203,13 +204,13 @@ def test_reads_teticios_saved_datasets_and_checkpoints_and_exports_to_object_sto
     import pyarrow.parquet as pq
 
     from audiodiff import storage
-    from audiodiff.dataset import read_spectrograms, spectrogram_files
+    from audiodiff.dataset import open_spectrograms, spectrogram_files
 
     # what teticio's scripts/audio_to_images.py writes: a DatasetDict with image, audio_file, slice
     rows = pq.read_table(spectrogram_files(spectrograms), columns=["image", "audio_file", "slice"]).to_pylist()
     saved = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     datasets.DatasetDict({"train": saved}).save_to_disk(str(tmp_path / "teticio"))
-    assert read_spectrograms(str(tmp_path / "teticio")).count() == 36  # the same reader as from object storage
+    assert open_spectrograms(str(tmp_path / "teticio")).read().count() == 36  # the same reader as from object storage
     storage.upload_dir(str(tmp_path / "teticio"), f"{s3_bucket}/teticio")
     assert finetune(f"{s3_bucket}/teticio", f"{s3_bucket}/model", "--epochs", 1, "--checkpoint-every", 2) == 0
     files = storage.list_files(f"{s3_bucket}/model")
@@ -268,7 +269,9 @@ def test_a_gpu_workers_checkpoint_holds_cpu_tensors_and_loads_and_exports_on_a_c
                                                                                                tensors_on_a_gpu):
     from ray.train import Checkpoint
 
-    from audiodiff.train import GENRES_STATE, TrainConfig, export, load_training_state, save_training_state
+    from audiodiff.train import TrainConfig
+    from audiodiff.train_checkpoint import GENRES_STATE, load_training_state, save_training_state
+    from audiodiff.train_report import export
 
     parts, unet, ema, optimizer, lr_schedule, genre_model, ema_vectors = _genre_training_state()
     config = TrainConfig(data="", model="tiny", output="", condition="genre")
@@ -298,7 +301,8 @@ def test_a_gpu_workers_checkpoint_holds_cpu_tensors_and_loads_and_exports_on_a_c
 
 def test_resume_on_other_workers_keeps_the_global_batch_or_names_the_numbers(tmp_path):
     from audiodiff.errors import AudiodiffError
-    from audiodiff.train import TrainConfig, keep_global_batch
+    from audiodiff.train import TrainConfig
+    from audiodiff.train_checkpoint import keep_global_batch
 
     before = {"batch_size": 4, "num_workers": 2, "grad_accum": 3}  # 24 images a step
     config = TrainConfig(data="", model="tiny", output="out", batch_size=4, num_workers=3)
@@ -314,8 +318,10 @@ def test_resume_on_other_workers_keeps_the_global_batch_or_names_the_numbers(tmp
 def test_samples_come_from_the_model_in_eval_mode_under_the_runs_autocast(tmp_path, monkeypatch):
     from diffusers.training_utils import EMAModel
 
-    from audiodiff import train
-    from audiodiff.train import RunPlan, Sampler, TrainConfig
+    from audiodiff import train_report
+    from audiodiff.train import TrainConfig
+    from audiodiff.train_data import RunPlan
+    from audiodiff.train_report import Reporter
 
     parts = models.new_model("tiny")
     unet = parts.unet.train()
@@ -325,11 +331,11 @@ def test_samples_come_from_the_model_in_eval_mode_under_the_runs_autocast(tmp_pa
         seen.append((model.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return torch.zeros(len(args[1]), 64, 64, dtype=torch.uint8)
 
-    monkeypatch.setattr(train.sampling, "sample", sample)
-    monkeypatch.setattr(train.ray, "get", lambda ref: ref)  # the held-out images themselves, not a Ray ref
+    monkeypatch.setattr(train_report.sampling, "sample", sample)
+    monkeypatch.setattr(train_report.ray, "get", lambda ref: ref)  # the held-out images themselves, not a Ray ref
     plan = RunPlan(rows=4, holdout_rows=4, steps_per_epoch=1, total_steps=1, warmup_steps=0, cpus=1, in_memory=True,
                    blocks=None, holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
     config = TrainConfig(data="", model="tiny", output=str(tmp_path), precision="bf16", num_samples=2, sample_steps=2)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
-    Sampler(config, parts, unet, ema, None, plan, torch.device("cpu")).write(1)
+    Reporter(config, parts, unet, ema, None, plan, torch.device("cpu")).write_samples(1)
     assert seen == [(False, True, torch.bfloat16)] and unet.training
