@@ -295,7 +295,8 @@ def test_a_gpu_workers_checkpoint_holds_cpu_tensors_and_loads_and_exports_on_a_c
     step, _, _ = load_training_state(str(old), fresh[1], fresh[3], fresh[4], torch.device("cpu"), fresh[5], fresh[6])
     assert step == 1 and torch.equal(fresh[5].vectors, genre_model.vectors)
     assert fresh[6].shadow_params[0].device.type == "cpu"
-    export(Checkpoint.from_directory(str(old)), parts, str(tmp_path / "model"), ["a", "b"])
+    checkpoint = Checkpoint.from_directory(str(old))
+    export(checkpoint, checkpoint, parts, dataclasses.replace(config, output=str(tmp_path / "model")), ["a", "b"], 1)
     assert torch.equal(models.load_model(str(tmp_path / "model")).conditioning.vectors, ema_vectors.shadow_params[0][:-1])
 
 
