@@ -98,6 +98,12 @@ def _training_flags(p) -> None:
     p.add_argument("--seed", type=int, help="data order, noise and timesteps (default: 0)")
     p.add_argument("--stream", action="store_true", help="stream the data even if it fits in the object store")
     p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
+    p.add_argument("--export", choices=("best", "last"),
+                   help="the pipeline's EMA weights: of the sample step with the best quality figure, or of the last "
+                        "step (default: best)")
+    p.add_argument("--patience", type=int,
+                   help="end the run after N sample steps without a better quality figure (checkpointed: --resume "
+                        "goes on)")
     p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
 
 
