@@ -221,11 +221,11 @@ def run_sweep(config: SweepConfig) -> dict:
         raise AudiodiffError(f"{config.output}: the sweep ran no trials")
     storage.write_bytes(storage.join(config.output, "trials.parquet"), _parquet(rows))
     storage.write_bytes(storage.join(config.output, "sweep.png"), sweep_png(results, rows))
-    finished = [r for r in rows if r["state"] == "finished" and r["best_figure"] is not None]
+    finished = [r for r in rows if r["state"] == "finished" and r["best_frechet_distance"] is not None]
     if not finished:
         raise AudiodiffError(f"{config.output}: no trial ran to its end ({_states(rows)}; see trials.parquet and "
                              f"{experiment}); nothing to export")
-    best = min(finished, key=lambda r: r["best_figure"])
+    best = min(finished, key=lambda r: r["best_frechet_distance"])
     _copy_pipeline(storage.join(config.trials_folder, best["trial"]), storage.join(config.output, "best"),
                    base.condition is not None)
     return {"rows": rows, "best": best, "searched": sorted(space), "output": config.output}
@@ -246,10 +246,10 @@ def _trial_row(result, config: SweepConfig) -> dict:
     else:
         state = "stopped"
     best = frame.loc[frame[METRIC].idxmin()] if reported else None
-    return {"trial": trial_id, **{k: v for k, v in result.config.items()},
+    return {"trial": trial_id, **result.config,
             "steps": int(frame["step"].max()) if reported else 0,
             "best_step": int(best["step"]) if best is not None else None,
-            "best_figure": float(best[METRIC]) if best is not None else None, "state": state,
+            "best_frechet_distance": float(best[METRIC]) if best is not None else None, "state": state,
             "error": str(result.error).splitlines()[0] if result.error is not None else None}
 
 
@@ -310,5 +310,5 @@ def summary_line(result: dict) -> str:
     best = result["best"]
     settings = ", ".join(f"{k} {_short(best[k])}" for k in result["searched"])
     return (f"sweep: {len(result['rows'])} trials ({_states(result['rows'])} by ASHA); best {best['trial']}: "
-            f"{settings}, Fréchet distance {best['best_figure']:.2f} at step {best['best_step']} -> "
+            f"{settings}, Fréchet distance {best['best_frechet_distance']:.2f} at step {best['best_step']} -> "
             f"{storage.join(result['output'], 'best')}")

@@ -61,7 +61,7 @@ def test_a_small_sweep_stops_a_lagging_trial_exports_the_best_for_generate_and_r
     assert main(sweep) == 0
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert [(t["lr"], t["state"], t["steps"]) for t in trials] == [(1e-3, "finished", 4), (10.0, "stopped", 2)]
-    assert trials[1]["best_figure"] > trials[0]["best_figure"]
+    assert trials[1]["best_frechet_distance"] > trials[0]["best_frechet_distance"]
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert f"best {trials[0]['trial']}: lr 0.001" in capsys.readouterr().out
     assert (out / "best" / "model_index.json").exists() and not (out / "best" / "checkpoints").exists()
