@@ -233,11 +233,6 @@ class Spectrograms:
     files: list[str]
     columns: list[str]
 
-    def mel_config(self) -> MelConfig | None:
-        """The codec's numbers the images were made with (mel_config.json); teticio's datasets have none."""
-        path = storage.join(self.uri, MEL_CONFIG)
-        return MelConfig.from_json(storage.read_text(path), path) if storage.exists(path) else None
-
     def read(self, genres: list[str] = (), shuffle_seed: int | None = None) -> ray.data.Dataset:
         """The rows (`image`, and `audio_file`/`slice`/`genre` where present) as a Ray dataset, optionally of some
         genres only, optionally with the files in an order seeded by `shuffle_seed` and the execution (each epoch
@@ -280,6 +275,13 @@ class Spectrograms:
                 with fs.open_input_stream(path) as f:
                     total += sum(batch.num_rows for batch in pa.ipc.open_stream(f))
         return total
+
+
+def mel_config(uri: str) -> MelConfig | None:
+    """The codec's numbers a dataset's images were made with (mel_config.json, written first); teticio's datasets
+    have none."""
+    path = storage.join(uri, MEL_CONFIG)
+    return MelConfig.from_json(storage.read_text(path), path) if storage.exists(path) else None
 
 
 def open_spectrograms(uri: str) -> Spectrograms:

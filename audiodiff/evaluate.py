@@ -51,7 +51,7 @@ from ray.data.expressions import col, lit
 
 from audiodiff import checks, ownership, progress, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
-from audiodiff.dataset import MEL_CONFIG, Spectrograms, decode_image, open_spectrograms
+from audiodiff.dataset import Spectrograms, decode_image, mel_config, open_spectrograms
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
@@ -226,14 +226,14 @@ def _open_side(name: str, uri: str) -> _Side:
     if not storage.exists(uri):
         raise AudiodiffError(f"--{name} {uri}: not found")
     manifest = storage.join(uri, MANIFEST)
-    if storage.exists(storage.join(uri, MEL_CONFIG)):
+    mel = mel_config(uri)
+    if mel is not None:
         try:
             data = open_spectrograms(uri)  # refuses a dataset that preprocess did not finish
         except AudiodiffError as e:
             raise AudiodiffError(f"--{name} {e}") from None
         if "image" not in data.columns:
             raise AudiodiffError(f"--{name} {data.files[0]}: no 'image' column (columns: {', '.join(data.columns)})")
-        mel = data.mel_config()
         return _Side(name, uri, "slices", data.files, mel, codec=mel, spectrograms=data)
     if storage.exists(manifest):
         try:

@@ -31,6 +31,29 @@ def test_every_subcommand_help_ends_with_examples_that_parse(stage, capsys):
         assert argv[0] == stage and cli.build_parser().parse_args(argv).stage == stage, example
 
 
+def test_each_flags_help_states_the_default_of_its_config_field_and_the_samplers_of_sampling(capsys):
+    from audiodiff import sampling
+    from audiodiff.remix import RemixConfig
+    from audiodiff.train import TrainConfig
+
+    assert exit_code(["finetune", "--help"]) == 0
+    finetune = " ".join(capsys.readouterr().out.split())
+    assert f"peak learning rate (default: {TrainConfig.lr:g})" in finetune
+    assert f"denoising steps of the samples (default: {TrainConfig.sample_steps})" in finetune
+    assert exit_code(["remix", "--help"]) == 0
+    remix = re.sub(r"(?<=\w)- (?=\w)", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps at hyphens
+    assert f"{', '.join(sampling.SAMPLERS)} (default: {RemixConfig.scheduler})" in remix
+    assert f"{sampling.SAMPLERS['unipc'].default_steps} for unipc" in remix
+
+
+def test_the_command_parses_without_importing_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = "import sys; from audiodiff.cli import build_parser; build_parser(); print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 @pytest.mark.parametrize("argv", [[], ["generate"], ["generate", "--model", "tiny", "--output", "x", "--steps", "many"],
                                   ["no-such-stage"]])
 def test_usage_errors_exit_2_with_the_usage(argv, capsys):
