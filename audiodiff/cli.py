@@ -99,6 +99,13 @@ def _finetune_parser(subparsers, common) -> None:
     p.add_argument("--data", required=True, help="spectrogram dataset (ours or teticio's), path or URI")
     p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
     p.add_argument("--output", required=True, help="where the pipeline folder (and checkpoints/) go")
+    _training_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
+    p.add_argument("--stop-at-step", type=int, help="end this run at that step, checkpointed; --resume continues it")
+
+
+def _training_flags(p) -> None:
+    """The flags of a fine-tune's settings (TrainConfig fields), shared by finetune and sweep."""
     p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); CPU and gloo otherwise")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "tf32"),
@@ -130,9 +137,13 @@ def _finetune_parser(subparsers, common) -> None:
                    help="with --condition: share of images trained unconditioned, for --guidance")
     p.add_argument("--seed", type=int, help="data order, noise and timesteps")
     p.add_argument("--stream", action="store_true", help="stream the data even if it fits in the object store")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
-    p.add_argument("--stop-at-step", type=int, help="end this run at that step, checkpointed; --resume continues it")
     p.add_argument("--max-failures", type=int, help="worker failures to survive (FailureConfig)")
+    p.add_argument("--export", choices=("best", "last"),
+                   help="the pipeline's EMA weights: of the sample step with the best quality figure, or of the last "
+                        "step")
+    p.add_argument("--patience", type=int,
+                   help="end the run after N sample steps without a better quality figure (checkpointed: --resume "
+                        "goes on)")
     p.add_argument("--shared-path", action="store_true", help="a local --output and inputs that every node mounts")
 
 
@@ -142,6 +153,39 @@ def _run_finetune(args) -> None:
     config = _config(TrainConfig, args)
     _init_ray(args)
     print(summary_line(run_finetune(config)))
+
+
+def _sweep_parser(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "sweep", parents=[common], config="sweep:SweepConfig",
+        help="hyperparameter sweep of fine-tunes on Ray Tune (ASHA stops lagging trials)",
+        epilog="space.yaml, for example:\n  lr: {loguniform: [1.0e-5, 1.0e-3]}\n  batch_size: {choice: [2, 4]}\n\n"
+               "example:\n  audiodiff sweep --data out/spectrograms --model tiny --output out/sweep --trials 8 "
+               "--max-steps 2000 --sample-every 250\n  audiodiff sweep --data out/spectrograms --model tiny "
+               "--output out/sweep --space space.yaml --epochs 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="spectrogram dataset, path or URI")
+    p.add_argument("--model", required=True, help="hub id, folder or URI to start from, or preset tiny/full")
+    p.add_argument("--output", required=True,
+                   help="where trials.parquet, sweep.png, best/ and each trial's fine-tune (trials/) go")
+    p.add_argument("--trials", type=int, help="samples of the search space (a grid's points each this many times)")
+    p.add_argument("--max-steps", type=int, help="each trial ends there at the latest")
+    p.add_argument("--space", help="a YAML or JSON search space (default: lr, batch size, EMA decay, warm-up, and "
+                                   "label dropout for --condition genre)")
+    p.add_argument("--grace-steps", type=int, help="steps before ASHA may stop a trial (default: --sample-every)")
+    p.add_argument("--concurrent", type=int, help="trials at once (default: with --gpu the GPUs / --num-workers, else 1)")
+    _training_flags(p.add_argument_group("finetune settings held fixed in every trial"))
+
+
+def _run_sweep(args) -> None:
+    from audiodiff.sweep import SweepConfig, run_sweep, summary_line
+    from audiodiff.train import TrainConfig
+
+    own = {f.name for f in dataclasses.fields(SweepConfig)}
+    fixed = {name: value for name, value in _given(TrainConfig, args).items() if name not in own}
+    config = dataclasses.replace(_config(SweepConfig, args), fixed=fixed)
+    _init_ray(args)
+    print(summary_line(run_sweep(config)))
 
 
 def _clip_command(subparsers, common, name: str, help: str, examples: list[str], config: str):
@@ -308,8 +352,13 @@ def _run_evaluate(args) -> None:
 
 def _config(config_class, args):
     """A stage's config dataclass from the flags given; the fields of flags not given keep their defaults."""
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-                           if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False})
+    return config_class(**_given(config_class, args))
+
+
+def _given(config_class, args) -> dict:
+    """The fields of `config_class` whose flags were given, with their values."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+            if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False}
 
 
 def _init_ray(args) -> None:
@@ -322,7 +371,7 @@ STAGES = {"preprocess": (_preprocess_parser, _run_preprocess), "finetune": (_fin
           "generate": (_generate_parser, _run_generate), "remix": (_remix_parser, _run_audio_to_audio),
           "continue": (_continue_parser, _run_audio_to_audio),
           "interpolate": (_interpolate_parser, _run_audio_to_audio), "evaluate": (_evaluate_parser, _run_evaluate),
-          "demo": (_demo_parser, _run_demo)}
+          "sweep": (_sweep_parser, _run_sweep), "demo": (_demo_parser, _run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

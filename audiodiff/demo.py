@@ -85,10 +85,10 @@ def run_demo(config: DemoConfig) -> dict:
     stats = run_preprocess(PreprocessConfig(sources=[audio], output=spectrograms, model="tiny", genre_from_folder=True))
     print(preprocess_summary(stats), flush=True)
     model = storage.join(output, "model")
-    print(finetune_summary(run_finetune(TrainConfig(
+    trained = run_finetune(TrainConfig(
         data=spectrograms, model="tiny", output=model, epochs=config.epochs, batch_size=8, lr=config.lr,
-        lr_schedule="constant", log_every=25, sample_every=100, checkpoint_every=10_000, condition="genre"))),
-        flush=True)
+        lr_schedule="constant", log_every=25, sample_every=100, checkpoint_every=10_000, condition="genre"))
+    print(finetune_summary(trained), flush=True)
     scores, sections = {}, {}
     for name, source in (("untrained", "tiny"), ("fine-tuned", model)):
         folder = f"generated-{name}" if name == "untrained" else "generated"
@@ -106,7 +106,9 @@ def run_demo(config: DemoConfig) -> dict:
         scores[name] = run_evaluate(evaluation)
         print(evaluate_summary(scores[name]), flush=True)
         rows = read_manifest(storage.join(output, folder)).to_pylist()
-        sections[f"{name} model: Fréchet distance {scores[name]['frechet_distance']:.1f}"] = [
+        made_by = "" if name == "untrained" else (f" (EMA weights of step {trained['exported_step']} of "
+                                                   f"{trained['steps']}, its best sample step)")
+        sections[f"{name} model{made_by}: Fréchet distance {scores[name]['frechet_distance']:.1f}"] = [
             {**r, "wav": f"{folder}/{r['wav']}", "png": f"{folder}/{r['png']}"} for r in rows]
     index = storage.join(output, GALLERY)
     title = "audiodiff demo: the tiny model before and after fine-tuning (lower Fréchet distance is closer to the data)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
@@ -37,10 +38,14 @@ from audiodiff.runtime import check_paths_reachable, require_gpus, worker_errors
 from audiodiff.train_checkpoint import RUN_NAME, check_resume, load_training_state, save_training_state
 from audiodiff.train_data import (WARMUP_FRACTION, InMemoryImages, RunPlan, micro_generator, plan_run,
                                   streamed_batches)
-from audiodiff.train_report import Reporter, export
+from audiodiff.train_report import Reporter, best_sample, export, samples_since_best
 
 LR_SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
 GRAD_COMPRESSIONS = ("none", "bf16")
+EXPORTS = ("best", "last")
+# What Ray Train ranks checkpoints by (lower is better): the quality figure of a sample step, infinite at other steps,
+# so that the best sample steps' checkpoints are the ones num_to_keep keeps (and the latest, which Ray always keeps)
+CHECKPOINT_SCORE = "checkpoint_frechet_distance"
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +83,8 @@ class TrainConfig:
     stream: bool = False  # stream the data even if it would fit in the object store
     resume: bool = False
     stop_at_step: int | None = None  # end this run there (checkpointed); --resume continues it
+    export: str = "best"  # the exported EMA weights: those of the sample step with the best quality figure, or the last
+    patience: int | None = None  # end the run after this many sample steps without a better figure (checkpointed)
     max_failures: int = 0
     shared_path: bool = False  # a local --output that every node of a multi-node cluster mounts
 
@@ -90,11 +97,12 @@ class TrainConfig:
             raise AudiodiffError("--precision fp16 trains only with loss scaling, which finetune does not do; use bf16 "
                                  "(the default with --gpu) or fp32")
         checks.at_least(self, 1, "num_workers", "batch_size", "epochs", "grad_accum", "log_every", "sample_every",
-                        "checkpoint_every", "num_samples", "sample_steps", "stop_at_step")
+                        "checkpoint_every", "num_samples", "sample_steps", "stop_at_step", "patience")
         checks.at_least(self, 0, "seed", "warmup_steps")
         checks.positive(self, "lr", "cpus_per_worker")
         checks.one_of(self, "lr_schedule", sorted(LR_SCHEDULES))
         checks.one_of(self, "grad_compression", GRAD_COMPRESSIONS)
+        checks.one_of(self, "export", EXPORTS)
         sampling.check_scheduler(self.sample_scheduler)
         if self.condition not in (None, "genre"):
             raise AudiodiffError(f"--condition must be 'genre', got '{self.condition}'")
@@ -228,9 +236,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if sample_step and reporter:
                 metrics.update(reporter.write_samples(step))
             history.append(metrics)
+            new_best = reporter is not None and sample_step and best_sample(history) is metrics
+            if sample_step and config.patience and rank0_decides(
+                    reporter is not None and samples_since_best(history) >= config.patience, device, world):
+                stop = step  # out of patience: the run ends here, checkpointed, as at --stop-at-step
             if reporter:
                 reporter.log_step(metrics, plan.total_steps,
                                   (stop - step) * (time.perf_counter() - run_started) / (step - first_step))
+            checkpoint_step = checkpoint_step or step == stop or new_best
             checkpoint = None
             if checkpoint_step and rank == 0:
                 folder = tempfile.mkdtemp(prefix="audiodiff-checkpoint-")  # Ray Train deletes it once uploaded
@@ -238,13 +251,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                     ema_vectors)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             # the ranks wait for rank 0 to write the checkpoint, not to upload it (a thread of Ray Train's does)
-            ray.train.report(metrics, checkpoint=checkpoint,
+            figure = metrics.get("frechet_distance", math.inf)
+            ray.train.report({**metrics, CHECKPOINT_SCORE: figure if math.isfinite(figure) else math.inf},
+                             checkpoint=checkpoint,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
             if step >= stop:
                 break
     if reporter:
         reporter.close()
+
+
+def rank0_decides(decision: bool, device: torch.device, world: int) -> bool:
+    """Rank 0's decision (it alone measures the quality figure) on every rank: all end at the same step, since each
+    report is a barrier."""
+    if world == 1:
+        return decision
+    flag = torch.tensor([int(decision)], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _check_output_ours(config: TrainConfig) -> None:
@@ -262,9 +287,9 @@ def _check_output_ours(config: TrainConfig) -> None:
         raise ownership.refusal(config.output, "finetune", found)
 
 
-def run_finetune(config: TrainConfig) -> dict:
+def run_finetune(config: TrainConfig, callbacks: tuple = ()) -> dict:
     """Checks what needs the cluster, the output and the data (the config checked itself), then trains on the
-    current Ray and exports the model."""
+    current Ray and exports the model. `callbacks`: Ray Train's (a sweep's trial passes Tune's)."""
     if config.gpu:
         require_gpus(config.num_workers, f"--gpu with {config.num_workers} workers")
     _check_output_ours(config)
@@ -293,22 +318,28 @@ def run_finetune(config: TrainConfig) -> dict:
             resources_per_worker={"CPU": plan.cpus, **({"GPU": 1} if config.gpu else {})}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=checkpoints, storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures), callbacks=list(callbacks)),
         datasets=datasets,
     )
     with worker_errors(ray.train.TrainingFailedError):  # a streamed image that is not a PNG of the model's size
         result = trainer.fit()
-    history = export(result.checkpoint, parts, config.output, plan.model_genres)
-    quality = [h for h in history if "frechet_distance" in h]
-    return {"steps": history[-1]["step"], "total_steps": plan.total_steps, "images": plan.rows,
-            "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-            "frechet_distance": quality[-1]["frechet_distance"] if quality else None,
-            "kernel_distance": quality[-1]["kernel_distance"] if quality else None, "output": config.output}
+    # "best": the retained checkpoint of the lowest figure, which is the best step's (written there, and kept)
+    chosen = result.get_best_checkpoint(CHECKPOINT_SCORE, "min") if config.export == "best" else result.checkpoint
+    planned = min(plan.total_steps, config.stop_at_step or plan.total_steps)
+    record = export(chosen, result.checkpoint, parts, config, plan.model_genres, planned)
+    return {**record, "total_steps": plan.total_steps, "images": plan.rows, "output": config.output}
 
 
 def summary_line(result: dict) -> str:
     stopped = "" if result["steps"] == result["total_steps"] else f" (stopped; --resume goes on to {result['total_steps']})"
+    if result["stopped_early"]:
+        stopped = (f" (stopped early: no better quality figure in {result['patience']} sample steps; --resume goes on "
+                   f"to {result['total_steps']})")
+    which = {result["best_step"]: "the best quality figure", result["steps"]: "the last step"}.get(
+        result["exported_step"], "the best checkpoint kept")
     return (f"finetune: {result['steps']} steps{stopped} on {result['images']} images, loss {result['first_loss']:.4f} -> "
-            f"{result['last_loss']:.4f}, quality (Fréchet distance to held-out data) {result['frechet_distance']:.2f}, "
-            f"kernel distance {result['kernel_distance']:.4f} -> {result['output']}")
+            f"{result['last_loss']:.4f}; exported the EMA weights of step {result['exported_step']} ({which}): quality "
+            f"(Fréchet distance to held-out data) {result['frechet_distance']:.2f}, kernel distance "
+            f"{result['kernel_distance']:.4f} -> {result['output']}")

@@ -29,7 +29,7 @@ GENRES_STATE = "genres.pt"  # a genre model's checkpointed vectors and their EMA
 # Fields that do not change what a run computes; every other field must match on --resume.
 RESUMABLE_CHANGES = {"output", "resume", "max_failures", "checkpoint_every", "log_every", "sample_every",
                      "num_samples", "sample_scheduler", "sample_steps", "stop_at_step", "cpus_per_worker",
-                     "shared_path"}
+                     "shared_path", "export", "patience"}
 # These may change on --resume as long as the global batch (batch_size x num_workers x grad_accum) stays.
 WORLD_CHANGES = {"num_workers", "grad_accum"}
 

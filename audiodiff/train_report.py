@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ import ray
 import ray.train
 import torch
 
-from audiodiff import devices, progress, sampling, storage
+from audiodiff import devices, ownership, progress, sampling, storage
 from audiodiff.mel import MelCodec
 from audiodiff.metrics import (embedding_statistics, frechet_distance, halves, kernel_distance, median_bandwidth,
                                mel_embedding)
@@ -135,8 +136,22 @@ def _image_groups(vectors: int, images: int) -> np.ndarray:
     return np.arange(vectors) // (vectors // images)
 
 
-def loss_curve_png(history: list[dict]) -> bytes:
-    """The loss by step (and the quality figure where measured), drawn with matplotlib."""
+def best_sample(history: list[dict]) -> dict | None:
+    """The sample step with the lowest quality figure (the first of equals); a figure that is not finite (a diverged
+    run's) is never the best."""
+    scored = [h for h in history if math.isfinite(h.get("frechet_distance", math.inf))]
+    return min(scored, key=lambda h: h["frechet_distance"]) if scored else None
+
+
+def samples_since_best(history: list[dict]) -> int:
+    """How many sample steps came after the best one (all of them when none is best): --patience counts these."""
+    best = best_sample(history)
+    return sum(1 for h in history if "frechet_distance" in h and (best is None or h["step"] > best["step"]))
+
+
+def loss_curve_png(history: list[dict], exported_step: int | None = None) -> bytes:
+    """The loss by step (and the quality figure where measured), drawn with matplotlib; a line marks the step whose
+    weights were exported."""
     import io
 
     import matplotlib
@@ -156,10 +171,15 @@ def loss_curve_png(history: list[dict]) -> bytes:
         if "frechet_floor" in quality[-1]:
             axes[0][1].axhline(quality[-1]["frechet_floor"], color="grey", linestyle="--",
                                label="floor: held-out halves")
-            axes[0][1].legend()
         axes[0][1].set(xlabel="optimizer step", ylabel="Fréchet distance to held-out data",
                        title="sample quality (lower is better)")
         axes[0][1].grid(alpha=0.3)
+    if exported_step is not None:
+        for panel in axes[0]:
+            panel.axvline(exported_step, color="green", linestyle=":", label=f"exported: step {exported_step}")
+            panel.legend()
+    elif quality and "frechet_floor" in quality[-1]:
+        axes[0][1].legend()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -167,20 +187,39 @@ def loss_curve_png(history: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def export(checkpoint: ray.train.Checkpoint, parts: PipelineParts, output: str,
-           model_genres: list[str] | None) -> list[dict]:
-    """Write the EMA weights (and a genre model's EMA genre vectors) as a pipeline folder (with the model's own
-    scheduler class), with metrics.jsonl and loss.png beside the components."""
+def read_history(checkpoint: ray.train.Checkpoint) -> tuple[int, list[dict]]:
+    """A checkpoint's step and the run's history up to it."""
     with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    return state["step"], state["history"]
+
+
+def export(chosen: ray.train.Checkpoint, latest: ray.train.Checkpoint, parts: PipelineParts, config: TrainConfig,
+           model_genres: list[str] | None, planned_steps: int) -> dict:
+    """Write the EMA weights of the `chosen` checkpoint (and a genre model's EMA genre vectors) as a pipeline folder
+    (with the model's own scheduler class), with metrics.jsonl and loss.png (the `latest` checkpoint's history) and
+    finetune.json beside the components. Returns finetune.json's record with the losses and the exported figures."""
+    with chosen.as_directory() as folder:
         load_ema(folder, type(parts.unet)).copy_to(parts.unet.parameters())
         if model_genres:
             vectors = torch.load(os.path.join(folder, GENRES_STATE), map_location="cpu",
                                  weights_only=True)["ema"]["shadow_params"][0]
             parts.conditioning = Conditioning(names=model_genres, vectors=vectors[:-1], null=vectors[-1])
-        with open(os.path.join(folder, "state.json")) as f:
-            history = json.load(f)["history"]
-    save_model(parts, output)
-    storage.write_bytes(storage.join(output, "metrics.jsonl"),
+    exported_step, _ = read_history(chosen)
+    _, history = read_history(latest)
+    save_model(parts, config.output)
+    storage.write_bytes(storage.join(config.output, "metrics.jsonl"),
                         "".join(json.dumps(h) + "\n" for h in history).encode())
-    storage.write_bytes(storage.join(output, "loss.png"), loss_curve_png(history))
-    return history
+    storage.write_bytes(storage.join(config.output, "loss.png"), loss_curve_png(history, exported_step))
+    best = best_sample(history) or {}
+    exported = next(h for h in history if h["step"] == exported_step)
+    record = {ownership.WRITTEN_BY: ownership.mark("finetune"), "export": config.export, "steps": history[-1]["step"],
+              "best_step": best.get("step"), "best_frechet_distance": best.get("frechet_distance"),
+              "best_kernel_distance": best.get("kernel_distance"), "exported_step": exported_step,
+              "exported_frechet_distance": exported.get("frechet_distance"),
+              "exported_kernel_distance": exported.get("kernel_distance"),
+              "stopped_early": history[-1]["step"] < planned_steps}
+    storage.write_bytes(storage.join(config.output, "finetune.json"), json.dumps(record, indent=1).encode())
+    return {**record, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "patience": config.patience,
+            "frechet_distance": exported.get("frechet_distance"), "kernel_distance": exported.get("kernel_distance")}

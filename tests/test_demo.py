@@ -1,4 +1,5 @@
 import io
+import json
 import re
 
 import pyarrow.parquet as pq
@@ -23,7 +24,11 @@ def test_demo_runs_all_three_stages_and_replaces_only_its_own_output(local_ray, 
     scores = re.search(r"untrained ([\d.]+), fine-tuned ([\d.]+)", printed)
     assert scores and float(scores[2]) < 0.5 * float(scores[1]), printed
     page = (out / "index.html").read_text()
-    assert f"untrained model: Fréchet distance {scores[1]}" in page and f"fine-tuned model: Fréchet distance {scores[2]}" in page
+    exported = json.loads((out / "model" / "finetune.json").read_text())
+    assert exported["exported_step"] == exported["best_step"]  # the page names the step whose weights it plays
+    assert f"untrained model: Fréchet distance {scores[1]}" in page and (
+        f"fine-tuned model (EMA weights of step {exported['exported_step']} of {exported['steps']}, its best sample "
+        f"step): Fréchet distance {scores[2]}") in page
     assert 'src="generated-untrained/clips/standard-00000.wav"' in page and 'src="generated/clips/extended-00000-drone.png"' in page
     rows = pq.read_table(io.BytesIO((out / "generated" / "manifest.parquet").read_bytes())).to_pylist()
     assert sorted((r["genre"], r["kind"]) for r in rows) == sorted(

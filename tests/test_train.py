@@ -141,7 +141,8 @@ def test_resumed_mid_epoch_ends_with_the_weights_and_optimizer_state_of_an_unint
                                                                                               capsys):
     # two runs of one seed on a dataset of many parts: its blocks must come in file order in every run
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert finetune(many_parts, whole, "--epochs", 2) == 0  # 4 steps per epoch
+    # --export last: the weights of step 8 (the stopped run also measured step 5, which could score best)
+    assert finetune(many_parts, whole, "--epochs", 2, "--export", "last") == 0  # 4 steps per epoch
     assert finetune(many_parts, parts, "--epochs", 2, "--stop-at-step", 5) == 0  # mid-epoch 2
     assert checkpoint_steps(parts)[-1] == 5
     assert finetune(many_parts, parts, "--epochs", 2) == 1  # no silent restart over a run's checkpoints
@@ -152,7 +153,8 @@ def test_resumed_mid_epoch_ends_with_the_weights_and_optimizer_state_of_an_unint
             in capsys.readouterr().err)
     # on one worker: its accumulation doubles, so each step takes the same images, noise and timesteps; with the
     # threads of each of the two workers, so that oneDNN's kernels round alike (bf16 autocast on this CPU)
-    assert finetune(many_parts, parts, "--epochs", 2, "--resume", "--num-workers", 1, "--cpus-per-worker", 1) == 0
+    assert finetune(many_parts, parts, "--epochs", 2, "--resume", "--num-workers", 1, "--cpus-per-worker", 1,
+                    "--export", "last") == 0
     assert "resuming on 1 workers with --grad-accum 2: the run's global batch of 8 images stays" in capsys.readouterr().out
     assert [h["step"] for h in history(parts)] == [2, 4, 5, 6, 8]  # the stop at 5 is logged
     assert [h["step"] for h in history(whole)] == [2, 4, 6, 8]
@@ -289,7 +291,8 @@ def test_a_gpu_workers_checkpoint_holds_cpu_tensors_and_loads_and_exports_on_a_c
     step, _, _ = load_training_state(str(old), fresh[1], fresh[3], fresh[4], torch.device("cpu"), fresh[5], fresh[6])
     assert step == 1 and torch.equal(fresh[5].vectors, genre_model.vectors)
     assert fresh[6].shadow_params[0].device.type == "cpu"
-    export(Checkpoint.from_directory(str(old)), parts, str(tmp_path / "model"), ["a", "b"])
+    checkpoint = Checkpoint.from_directory(str(old))
+    export(checkpoint, checkpoint, parts, dataclasses.replace(config, output=str(tmp_path / "model")), ["a", "b"], 1)
     assert torch.equal(models.load_model(str(tmp_path / "model")).conditioning.vectors, ema_vectors.shadow_params[0][:-1])
 
 
