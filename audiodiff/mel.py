@@ -218,6 +218,8 @@ class MelCodec:
         frames is vocoded window by window (`_vocode_in_windows`), so memory beyond the audio returned does not
         grow with the width; standard and 4x-extended images fit in one window.
         """
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # Ray Data hands read-only blocks, on which torch warns in every worker's log
         images = torch.as_tensor(images)
         c = self.config
         if images.ndim != 3 or images.dtype != torch.uint8 or images.shape[1] != c.y_res:

@@ -83,8 +83,21 @@ def make_scheduler(name: str, model_config, karras: bool = False):
     # diffusers' from_config leaves out the values a config lists as its class's defaults (a fresh preset's), which
     # would give another class its own betas and spacing: the model's values hold for every sampler
     model_config = {k: v for k, v in dict(model_config).items() if k != "_use_default_values"}
-    return sampler.scheduler.from_config(model_config, **dict(sampler.settings),
+    return sampler.scheduler.from_config(model_config, **dict(sampler.settings), **_clipping(sampler, model_config),
                                          **({"use_karras_sigmas": True} if karras else {}))
+
+
+def _clipping(sampler: Sampler, model_config: dict) -> dict:
+    """A model whose schedule clips the predicted clean image to [-1, 1] (`clip_sample`, DDPM's default and
+    teticio's models') is clipped by every sampler that can: the multistep solvers have no clip_sample, but
+    their dynamic thresholding with its ceiling at 1 is that clamp. Unclipped, a briefly trained model's
+    clean-image predictions at high noise land far outside [-1, 1] and its clips turn to noise (BENCHMARKS.md,
+    'Why the ODE solvers clip')."""
+    clips = model_config.get("clip_sample") and model_config.get("clip_sample_range", 1.0) == 1.0
+    parameters = inspect.signature(sampler.scheduler.__init__).parameters
+    if not clips or "clip_sample" in parameters or "thresholding" not in parameters:
+        return {}
+    return {"thresholding": True, "sample_max_value": 1.0}
 
 
 def scheduler_label(name: str, karras: bool) -> str:

@@ -27,15 +27,23 @@ model beat the untrained one clearly (its best point below --beat x the untraine
 """
 
 import argparse
+import functools
 import json
 import os
 import time
+
+import numpy as np
+import torch
+from bench_sampler_settings import grey, reference_images
 
 from audiodiff import storage
 from audiodiff.audio import AUDIO_EXTENSIONS, load_audio
 from audiodiff.encode import wav_bytes
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.generate import GenerateConfig, run_generate
+from audiodiff import sampling
+from audiodiff.mel import MelConfig
+from audiodiff.metrics import distances, kernel_distance, mel_embedding
 from audiodiff.models import load_model
 from audiodiff.sampling import make_scheduler, unet_evaluations
 from audiodiff.preprocess import PreprocessConfig, run_preprocess
@@ -110,6 +118,53 @@ def clips_and_score(work: str, model: str, name: str, scheduler: str, steps: int
     return point
 
 
+def images_and_score(work: str, model: str, name: str, scheduler: str, steps: int, args, genres: list[str] | None,
+                     reference: str) -> dict:
+    """`clips_and_score` without Ray, Griffin-Lim or files (--in-process): the sampler's images themselves, from
+    the same seeds, scored against the held-out slices in the model's mel space; cached in WORK/images."""
+    scored = os.path.join(work, "images", f"{name}-{scheduler}-{steps}.json")
+    if os.path.exists(scored):
+        with open(scored) as f:
+            return json.load(f)
+    parts, (reference_vectors, _) = _loaded(model), _reference(reference)
+    labels = [g for g in genres for _ in range(args.clips)] if genres else [None] * args.clips * 3
+    guidance = args.guidance if genres else 1.0
+    encoding = torch.cat([parts.conditioning.encoding(g) for g in labels]) if parts.conditioning else None
+    null = parts.conditioning.encoding(None) if parts.conditioning and guidance != 1 else None
+    started = time.perf_counter()
+    images = sampling.sample(parts.unet, make_scheduler(scheduler, parts.scheduler.config), sampling.generators(
+        list(range(len(labels)))), parts.mel.y_res, parts.mel.x_res, steps, eta=args.eta if scheduler == "ddim" else 0.0,
+        encoding=encoding, null_encoding=null, guidance=guidance).numpy()
+    seconds = time.perf_counter() - started
+    point = {"sampler": scheduler, "steps": steps, "evaluations": evaluations(model, scheduler, steps, guidance),
+             **distances(mel_embedding(images, parts.mel), reference_vectors), "clips": len(images),
+             "generate_seconds": round(seconds, 1), **grey(images)}
+    if genres:  # the clips of each genre nearest the held-out slices of which genre (kernel distance)
+        point["nearest_genre"] = {}
+        vectors_of = _reference(reference)[1]
+        for genre in genres:
+            mine = mel_embedding(images[np.array(labels) == genre], parts.mel)
+            row = {g: kernel_distance(mine, v) for g, v in vectors_of.items()}
+            point["nearest_genre"][genre] = min(row, key=row.get)
+    storage.write_bytes(scored, (json.dumps(point, indent=2) + "\n").encode())
+    return point
+
+
+@functools.cache
+def _loaded(model: str):
+    parts = load_model(model)
+    parts.unet.eval()
+    return parts
+
+
+@functools.cache
+def _reference(uri: str) -> tuple[np.ndarray, dict]:
+    """The held-out slices' embedding vectors, all and by genre."""
+    images, genres = reference_images(uri)
+    mel = MelConfig.from_json(storage.read_text(storage.join(uri, "mel_config.json")))
+    return mel_embedding(images, mel), {g: mel_embedding(images[genres == g], mel) for g in sorted(set(genres))}
+
+
 def finetune(data: str, model: str, args) -> dict:
     """The fine-tune's result (with its `seconds`), run once; an interrupted one continues from its checkpoint."""
     done = os.path.join(args.work, "finetune.json")
@@ -181,6 +236,8 @@ def main() -> None:
     parser.add_argument("--beat", type=float, default=0.5,
                         help="trained enough: best point below this share of the untrained model's figure")
     parser.add_argument("--plot", default="frontier.png")
+    parser.add_argument("--in-process", action="store_true",
+                        help="score the sampler's images in process (no Ray, Griffin-Lim or files): the sampler alone")
     args = parser.parse_args()
     samplers, step_counts = args.samplers.split(","), [int(s) for s in args.steps.split(",")]
 
@@ -190,7 +247,8 @@ def main() -> None:
     print(f"tracks: {json.dumps(split)}")
     train_data, held_out = preprocess(args.work, "train", args.preset), preprocess(args.work, "held-out", args.preset)
 
-    untrained = clips_and_score(args.work, args.preset, "untrained", "ddim", 50, args, None, held_out)
+    score = images_and_score if args.in_process else clips_and_score
+    untrained = score(args.work, args.preset, "untrained", "ddim", 50, args, None, held_out)
     print(f"untrained {args.preset} (DDIM 50, eta {args.eta}): Fréchet {untrained['frechet_distance']:.1f}, "
           f"kernel {untrained['kernel_distance']:.4f}")
 
@@ -209,8 +267,8 @@ def main() -> None:
           f"{floor['kernel_distance']:.4f}; held-out halves {floor['floors']['reference_halves']}; "
           f"held-out through the codec {floor['floors']['rendered_reference']}")
 
-    reference = clips_and_score(args.work, model, "trained", *REFERENCE, args, genres, held_out)
-    points = [clips_and_score(args.work, model, "trained", s, n, args, genres, held_out)
+    reference = score(args.work, model, "trained", *REFERENCE, args, genres, held_out)
+    points = [score(args.work, model, "trained", s, n, args, genres, held_out)
               for s in samplers for n in step_counts if (s, n) != REFERENCE]
     figure = args.figure
     print(f"\n{'sampler':>16} {'steps':>6} {'evals/clip':>10} {'Fréchet':>10} {'kernel':>8} {'x DDPM-1000':>11}")
