@@ -42,7 +42,7 @@ from audiodiff.encode import wav_bytes
 from audiodiff.evaluate import EvaluateConfig, run_evaluate
 from audiodiff.generate import GenerateConfig, run_generate
 from audiodiff import sampling
-from audiodiff.mel import MelConfig
+from audiodiff.dataset import mel_config as dataset_mel_config
 from audiodiff.metrics import distances, kernel_distance, mel_embedding
 from audiodiff.models import load_model
 from audiodiff.sampling import make_scheduler, unet_evaluations
@@ -161,7 +161,7 @@ def _loaded(model: str):
 def _reference(uri: str) -> tuple[np.ndarray, dict]:
     """The held-out slices' embedding vectors, all and by genre."""
     images, genres = reference_images(uri)
-    mel = MelConfig.from_json(storage.read_text(storage.join(uri, "mel_config.json")))
+    mel = dataset_mel_config(uri)
     return mel_embedding(images, mel), {g: mel_embedding(images[genres == g], mel) for g in sorted(set(genres))}
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from audiodiff import sampling, storage
-from audiodiff.dataset import decode_images, spectrogram_files
+from audiodiff.dataset import decode_images, open_spectrograms
 from audiodiff.devices import cpu_name
 from audiodiff.metrics import distances, mel_embedding
 from audiodiff.models import load_model
@@ -35,10 +35,10 @@ BRIGHT = 200  # grey level: the share of pixels above it is the bright-tail stat
 
 def reference_images(uri: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, height, width] and each image's genre."""
-    tables = [pq.read_table(storage.resolve(f)[1], filesystem=storage.resolve(f)[0]) for f in spectrogram_files(uri)]
     images, genres = [], []
-    for table in tables:
-        batch = table.to_pydict()
+    for file in open_spectrograms(uri).files:
+        fs, path = storage.resolve(file)
+        batch = pq.read_table(path, filesystem=fs).to_pydict()
         images.append(decode_images({k: np.array(v, dtype=object) for k, v in batch.items()})["image"])
         genres.extend(batch["genre"])
     return np.concatenate(images), np.array(genres)
