@@ -216,7 +216,7 @@ def run_sweep(config: SweepConfig) -> dict:
                                             max_concurrent_trials=concurrent, trial_dirname_creator=trial_folder),
             run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=1))
     results = tuner.fit()
-    rows = [_trial_row(r, config) for r in results]
+    rows = sorted((_trial_row(r, config) for r in results), key=lambda row: row["trial"])  # a restore reorders them
     if not rows:
         raise AudiodiffError(f"{config.output}: the sweep ran no trials")
     storage.write_bytes(storage.join(config.output, "trials.parquet"), _parquet(rows))

@@ -74,7 +74,7 @@ def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
     page = (tmp_path / "remix" / "index.html").read_text()
     assert page.count('class="copy-mark"') == len(remixes)
     assert remix["memorisation"]["copies"] == len(remixes)
-    # clips from noise, checked after writing: none marked
+    # clips from noise, checked after writing: mostly not marked
     generated = run_generate(GenerateConfig(model=model, output=str(tmp_path / "clips"), num_clips=8, scheduler="ddpm",
                                             steps=100, training=data))
     rows = pq.read_table(tmp_path / "clips" / "manifest.parquet").to_pylist()
@@ -82,10 +82,10 @@ def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
     # within the threshold of a training drone slice (README: the rate on these tracks)
     flagged = sum(r["copy_of"] is not None for r in rows)
     assert flagged <= len(rows) // 4 and generated["memorisation"]["copies"] == flagged
-    assert "copy-mark" not in (tmp_path / "clips" / "index.html").read_text()
+    assert (tmp_path / "clips" / "index.html").read_text().count('class="copy-mark"') == flagged
     # evaluate: the clips, and a training track itself as audio (an exact copy of each of its slices)
     storage.write_bytes(str(tmp_path / "copy" / "drone.wav"), (trained / "audio" / "drone" / "drone.wav").read_bytes())
-    for clips, copies in ((tmp_path / "clips", 0), (tmp_path / "copy", 1)):
+    for clips, copies in ((tmp_path / "clips", flagged), (tmp_path / "copy", 1)):
         config = EvaluateConfig(clips=str(clips), training=data, output=str(tmp_path / f"{clips.name}.json"))
         result = run_evaluate(config)["memorisation"]
         assert result["copies"] == copies and result["threshold_db"] == COPY_THRESHOLD_DB
