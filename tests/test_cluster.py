@@ -9,6 +9,7 @@ import secrets
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,20 @@ HEAD_SCRIPT = str(REPO / "cluster" / "local-head.sh")
 @dataclass
 class Head:
     address: str
+    gcs: str
     env: dict
     token: str
-    session: int
+    sessions: tuple[int, ...]  # the head's, then the second node's
 
     def client(self) -> JobSubmissionClient:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+    def state(self, *args) -> list[dict]:
+        """`ray list ... --format json` against this cluster, with its token."""
+        result = subprocess.run(["ray", "list", *args, "--address", self.gcs, "--format", "json", "--limit", "1000"],
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout) if result.stdout.lstrip().startswith("[") else []  # "No resource in ..."
 
 
 def session_tree(session: int) -> list[psutil.Process]:
@@ -57,32 +66,74 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
+def end_session(session: int) -> None:
+    """Kills a session's processes by id (a test's own node or run: nothing in it to save) and waits for them."""
+    left = session_tree(session)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=30)
+
+
+# A second node joined to a head, a CPU, every listener on loopback: as Ray's own cluster_utils adds one (`ray start
+# --address` refuses to join anything in loopback mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), with a temp dir and a
+# log monitor of its own as on another machine (sharing the head's, the two nodes' runtime-env agents unpack a job's
+# working dir into one folder and remove it from under each other); runs until ended.
+_SECOND_NODE = """
+import signal, sys
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+gcs, temp_dir, *ports = sys.argv[1:]
+Node(RayParams(gcs_address=gcs, node_ip_address="127.0.0.1", num_cpus=1, num_gpus=0, temp_dir=temp_dir,
+               min_worker_port=22000, max_worker_port=22999, node_manager_port=0,
+               **dict(zip(("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port",
+                           "runtime_env_agent_port"), map(int, ports)))),
+     head=False, shutdown_at_exit=True, spawn_reaper=False)
+print("second node up", flush=True)
+signal.sigwait({signal.SIGTERM})
+"""
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, s3_endpoint, free_port):
-    """A head of our own: private state dir, token and ports (the session's other Ray may be running); the S3
-    variables in its environment stand for the platform's credentials. Stopped, and checked gone, at the end."""
+    """Two Ray nodes of our own on loopback, a CPU each: a head started by cluster/local-head.sh (private state dir,
+    token and ports; the session's other Ray may be running) and a second node joined to it in a session of its
+    own. The S3 variables in their environment stand for the platform's credentials. Stopped, and checked gone,
+    at the end."""
     state = tmp_path_factory.mktemp("head")
     token = secrets.token_hex(32)
     (state / "token").write_text(token)
     (state / "token").chmod(0o600)
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     env = {**os.environ, "AUDIODIFF_HEAD_DIR": str(state), "AUDIODIFF_DASHBOARD_PORT": str(dashboard),
            "RAY_AUTH_TOKEN_PATH": str(state / "token"), "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    ports = ["--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    ports = ["--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--metrics-export-port", "--runtime-env-agent-port"]
-    start = subprocess.run([HEAD_SCRIPT, "start", *[a for flag in ports for a in (flag, str(free_port()))],
-                            "--min-worker-port", "21000", "--max-worker-port", "21999", "--num-cpus", "2"],
+    start = subprocess.run([HEAD_SCRIPT, "start", "--port", str(gcs), *[a for flag in ports for a in (flag, str(free_port()))],
+                            "--min-worker-port", "21000", "--max-worker-port", "21999", "--num-cpus", "1"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert start.returncode == 0, start.stdout + start.stderr
-    session = int((state / "head.pid").read_text())
+    sessions = [int((state / "head.pid").read_text())]
     try:
-        yield Head(f"http://127.0.0.1:{dashboard}", env, token, session)
+        with open(state / "node.log", "w") as log:
+            node = subprocess.Popen([sys.executable, "-c", _SECOND_NODE, f"127.0.0.1:{gcs}", str(state / "node"),
+                                     *(str(free_port()) for _ in range(4))],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        sessions.append(node.pid)
+        head = Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env, token, tuple(sessions))
+        deadline = time.monotonic() + 120
+        while len([n for n in head.state("nodes") if n["state"] == "ALIVE"]) < 2:
+            assert node.poll() is None and time.monotonic() < deadline, (state / "node.log").read_text()[-3000:]
+            time.sleep(1)
+        yield head
     finally:
+        if len(sessions) > 1:
+            end_session(sessions[1])
         stop = subprocess.run([HEAD_SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stdout + stop.stderr
-        assert session_tree(session) == []
+        assert [p for session in sessions for p in session_tree(session)] == []
 
 
 def submit(head: Head, stage: str, *args) -> tuple[subprocess.CompletedProcess, str]:
@@ -111,7 +162,7 @@ def succeeded(head: Head, stage: str, *args) -> str:
 
 @pytest.mark.slow
 def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(head):
-    pids = {p.pid for p in session_tree(head.session)}
+    pids = {p.pid for session in head.sessions for p in session_tree(session)}
     listening = {ipaddress.ip_address(c.laddr.ip) for c in psutil.net_connections("inet")
                  if c.pid in pids and c.status == psutil.CONN_LISTEN}
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
@@ -122,27 +173,51 @@ def test_head_listens_on_loopback_only_and_refuses_requests_without_the_token(he
 
 
 @pytest.mark.slow
-def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_bucket):
+def test_every_stage_as_a_job_on_two_nodes_writes_each_output_once_to_object_storage(head, s3_bucket):
     write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
-
+    # preprocess runs one spectrogram actor per node (0.75 CPU each); finetune's two workers take a whole CPU each
+    # (the data is in the object store by then), and generate's two actors 0.75 CPU each: neither pair fits on one
+    # node, so each node holds one of them
     logs = succeeded(head, "preprocess", f"{s3_bucket}/audio", "--model", "tiny", "--genre-from-folder",
-                     "--output", f"{s3_bucket}/spectrograms")
+                     "--num-cpus", 2, "--output", f"{s3_bucket}/spectrograms")
     assert "preprocess: 6 tracks read, 6 written, 0 rejected; 24 slices" in logs
-    assert json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))["slices_written"] == 24
+    # preprocess: every slice once
+    fs, data = storage.resolve(f"{s3_bucket}/spectrograms/data")
+    slices = pq.read_table(data, filesystem=fs)
+    keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
+    stats = json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))
+    assert len(keys) == len(set(keys)) == stats["slices_written"] == 24 and stats["tracks_written"] == 6
 
     logs = succeeded(head, "finetune", "--data", f"{s3_bucket}/spectrograms", "--model", "tiny",
                      "--output", f"{s3_bucket}/model", "--num-workers", 2, "--epochs", 1, "--warmup-steps", 2,
                      "--log-every", 2, "--num-samples", 2, "--sample-steps", 2)
     assert "finetune: 22 training images (2 held out for the quality figure" in logs and "2 worker(s)" in logs
     assert "step 2/" in logs and "quality (Fréchet distance)" in logs  # progress from the workers
-    assert storage.exists(f"{s3_bucket}/model/model_index.json")
+    # 22 training images / (4 per worker x 2 workers) = 2 steps; the pipeline loads from the bucket
+    assert "finetune: 2 steps on 22 images" in logs
+    history = storage.read_bytes(f"{s3_bucket}/model/metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in history] == [2]
+    assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
 
     logs = succeeded(head, "generate", "--model", f"{s3_bucket}/model", "--output", f"{s3_bucket}/clips",
-                     "--num-clips", 2, "--num-extended", 1, "--scheduler", "ddim", "--steps", 4)
+                     "--num-clips", 2, "--num-extended", 1, "--concurrency", 2, "--batch-size", 1,
+                     "--scheduler", "ddim", "--steps", 4)
     assert "generate: 3 clips written" in logs
+    # generate: each planned clip once, whole
     rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/manifest.parquet"))).to_pylist()
+    assert [r["clip_id"] for r in rows] == ["standard-00000", "standard-00001", "extended-00000"]
     assert sorted(r["kind"] for r in rows) == ["extended", "standard", "standard"]
-    assert all(storage.exists(f"{s3_bucket}/clips/{r['wav']}") for r in rows)
+    assert storage.list_files(f"{s3_bucket}/clips/clips") == sorted(
+        f"{s3_bucket}/clips/{r[ext]}" for r in rows for ext in ("wav", "png"))
+    for row in rows:
+        audio, rate = soundfile.read(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/{row['wav']}")))
+        assert rate == 22050 and len(audio) / rate == pytest.approx(row["seconds"])
+    assert storage.exists(f"{s3_bucket}/clips/index.html")
+
+    assert len(head.state("nodes")) == 2
+    for name in ("MapWorker(MapBatches(SpectrogramMaker))", "RayTrainWorker", "MapWorker(MapBatches(ClipMaker))"):
+        found = head.state("actors", "--detail", "--filter", f"class_name={name}")
+        assert (len(found), len({a["node_id"] for a in found})) == (2, 2), (name, found)
 
     # audio-to-audio from object storage: 2 drone tracks, 8 slices, each rendered as it is and remixed
     logs = succeeded(head, "remix", f"{s3_bucket}/audio/drone", "--model", f"{s3_bucket}/model",
@@ -156,13 +231,19 @@ def test_preprocess_finetune_generate_and_remix_jobs_on_object_storage(head, s3_
      "argument --num-clips: invalid int value: 'many'"),
     ("finetune", ["--data", "{bucket}/no-such-dataset", "--model", "tiny", "--output", "{bucket}/x"],
      "audiodiff finetune: error: {bucket}/no-such-dataset: no such dataset"),
+    ("preprocess", ["{bucket}/audio", "--model", "tiny", "--output", "{tmp}/local"],
+     "{tmp}/local: a local path, but the Ray cluster has 2 nodes"),
 ])
 @pytest.mark.slow
-def test_a_job_with_a_bad_argument_fails_with_the_message_in_its_logs(head, s3_bucket, stage, args, message):
-    result, submission_id = submit(head, stage, *[a.format(bucket=s3_bucket) for a in args])
+def test_a_job_with_a_bad_argument_fails_with_the_message_in_its_logs(head, s3_bucket, tmp_path, stage, args,
+                                                                      message):
+    if stage == "preprocess":
+        write_examples(f"{s3_bucket}/audio", tracks_per_genre=1, seconds=2.0)
+    result, submission_id = submit(head, stage, *[a.format(bucket=s3_bucket, tmp=tmp_path) for a in args])
     assert result.returncode != 0
     assert head.client().get_job_status(submission_id) == JobStatus.FAILED
-    assert message.format(bucket=s3_bucket) in job_logs(head, submission_id)
+    assert message.format(bucket=s3_bucket, tmp=tmp_path) in job_logs(head, submission_id)
+    assert not (tmp_path / "local").exists()
 
 
 @contextlib.contextmanager
@@ -245,10 +326,7 @@ def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_A
     try:
         stdout, stderr = process.communicate(timeout=540)  # under the 600 s of pytest-timeout, with room to clean up
     finally:
-        left = session_tree(process.pid)
-        for leftover in left:
-            leftover.kill()
-        psutil.wait_procs(left, timeout=30)
+        end_session(process.pid)
     assert process.returncode == 0, stderr[-3000:]
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -261,72 +339,3 @@ def test_a_local_ray_listens_on_loopback_only_without_the_users_export_and_keeps
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
     # not /tmp/ray: in a folder only the user can enter (Ray opens its own dir to everyone)
     assert temp_dir == private_temp_dir() and stat.S_IMODE(os.stat(os.path.dirname(temp_dir)).st_mode) == 0o700
-
-
-# Two Ray nodes on loopback in a process of their own (this session's Ray is a single node), a CPU each, and every
-# stage against object storage. Preprocess refuses a local output, then runs one spectrogram actor per node (0.75
-# CPU each); finetune's two workers take a whole CPU each (the data is in the object store by then), and generate's
-# two actors 0.75 CPU each: neither pair fits on one node, so each node holds one of them.
-_TWO_NODES = """
-import json, os, sys, ray
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
-from audiodiff.cli import main
-source, bucket, local, gcs_port, dashboard_port = sys.argv[1:]
-# Ray Train's placement-group cleaner looks its controller up through the State API without an address: with other
-# Rays on the machine it would ask the one started last (and, not finding the controller there, end the run)
-os.environ["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": int(gcs_port),
-                                                        "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                                                        "dashboard_port": int(dashboard_port)})
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-ray.init(address=cluster.address)
-data, model = f"{bucket}/spectrograms", f"{bucket}/model"
-codes = [main(["preprocess", source, "--model", "tiny", "--num-cpus", "2", "--output", out]) for out in (local, data)]
-codes.append(main(["finetune", "--data", data, "--model", "tiny", "--output", model, "--num-workers", "2",
-                   "--epochs", "1", "--num-samples", "2", "--sample-steps", "2"]))
-codes.append(main(["generate", "--model", model, "--output", f"{bucket}/clips", "--num-clips", "2", "--num-extended",
-                   "1", "--concurrency", "2", "--batch-size", "1", "--scheduler", "ddim", "--steps", "2"]))
-actors = {}
-for stage, name in (("preprocess", "MapWorker(MapBatches(SpectrogramMaker))"), ("finetune", "RayTrainWorker"),
-                    ("generate", "MapWorker(MapBatches(ClipMaker))")):
-    found = list_actors(address=cluster.address, detail=True, filters=[("class_name", "=", name)])
-    actors[stage] = [len(found), len({a.node_id for a in found})]
-print(json.dumps({"codes": codes, "nodes": len(ray.nodes()), "actors_and_nodes": actors}))
-ray.shutdown()
-cluster.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_every_stage_on_two_nodes_refuses_a_local_output_and_writes_each_output_once_to_object_storage(
-        s3_bucket, tmp_path, free_port):
-    write_examples(f"{s3_bucket}/audio", tracks_per_genre=2, seconds=6.0)  # 6 tracks, 24 slices of 64x64
-    run = python_in_own_session(_TWO_NODES, f"{s3_bucket}/audio", s3_bucket, str(tmp_path / "local"),
-                                str(free_port()), str(free_port()))
-    report = next(json.loads(line) for line in reversed(run.stdout.splitlines()) if line.startswith('{"codes"'))
-    assert report == {"codes": [1, 0, 0, 0], "nodes": 2,
-                      "actors_and_nodes": {"preprocess": [2, 2], "finetune": [2, 2], "generate": [2, 2]}}, report
-    assert f"{tmp_path / 'local'}: a local path, but the Ray cluster has 2 nodes" in run.stderr
-    assert not (tmp_path / "local").exists()
-    # preprocess: every slice once
-    fs, data = storage.resolve(f"{s3_bucket}/spectrograms/data")
-    slices = pq.read_table(data, filesystem=fs)
-    keys = list(zip(slices["audio_file"].to_pylist(), slices["slice"].to_pylist()))
-    stats = json.loads(storage.read_bytes(f"{s3_bucket}/spectrograms/stats.json"))
-    assert len(keys) == len(set(keys)) == stats["slices_written"] == 24 and stats["tracks_written"] == 6
-    # finetune: 22 training images / (4 per worker x 2 workers) = 2 steps; the pipeline loads from the bucket
-    assert "finetune: 2 steps on 22 images" in run.stdout
-    history = storage.read_bytes(f"{s3_bucket}/model/metrics.jsonl").splitlines()
-    assert [json.loads(line)["step"] for line in history] == [2]
-    assert models.load_model(f"{s3_bucket}/model").image_size == (64, 64)
-    # generate: each planned clip once, whole
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/manifest.parquet"))).to_pylist()
-    assert [r["clip_id"] for r in rows] == ["standard-00000", "standard-00001", "extended-00000"]
-    assert storage.list_files(f"{s3_bucket}/clips/clips") == sorted(
-        f"{s3_bucket}/clips/{r[ext]}" for r in rows for ext in ("wav", "png"))
-    for row in rows:
-        audio, rate = soundfile.read(io.BytesIO(storage.read_bytes(f"{s3_bucket}/clips/{row['wav']}")))
-        assert rate == 22050 and len(audio) / rate == pytest.approx(row["seconds"])
-    assert storage.exists(f"{s3_bucket}/clips/index.html")
