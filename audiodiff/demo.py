@@ -92,10 +92,9 @@ def run_demo(config: DemoConfig) -> dict:
     scores, sections = {}, {}
     for name, source in (("untrained", "tiny"), ("fine-tuned", model)):
         folder = f"generated-{name}" if name == "untrained" else "generated"
-        # DDPM, 100 steps: a model trained for minutes makes noise texture with deterministic DDIM (eta 0), and
-        # grey noise floors under the drone and beats with stochastic DDIM (eta 1, 50 or 100 steps), which put
-        # the drone clips nearer the arpeggio audio than their own; with DDPM 100 each genre's clips came out at
-        # least 1.7x nearer their own genre's audio than any other's (`evaluate --by-genre`, two demo runs)
+        # DDPM 100, not generate's default: on two demo models the default (DPM-Solver++ SDE 10) scored as well
+        # overall but once put the drone clips nearer the arpeggio audio (1.18x) where DDPM 100 kept them nearest
+        # their own (0.95x); the demo's three genres must each come out nearest their own (BENCHMARKS.md)
         conditions = {"genres": list(GENRES), "guidance": config.guidance} if source == model else {}
         print(generate_summary(run_generate(GenerateConfig(
             model=source, output=storage.join(output, folder), num_clips=8 if source != model else 6,

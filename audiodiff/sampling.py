@@ -53,17 +53,19 @@ SAMPLERS = {
                           karras=True),
     # DPM-Solver++ 2M SDE: stochastic like DPMSolverSDEScheduler but drawing its noise from our generators, and
     # without torchsde (whose Brownian tree is seeded per batch, not per clip)
-    "dpm-solver-sde": Sampler(DPMSolverMultistepScheduler, 25,
+    "dpm-solver-sde": Sampler(DPMSolverMultistepScheduler, 10,
                               (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)), karras=True),
     "unipc": Sampler(UniPCMultistepScheduler, 20, karras=True),
     "euler-ancestral": Sampler(EulerAncestralDiscreteScheduler, 50),
     "heun": Sampler(HeunDiscreteScheduler, 25, karras=True),  # two UNet evaluations per step but the last
 }
-GENERATE_SAMPLER = "ddpm"  # generate's default: the model's own reverse process
+# generate's default (and the demo's, and finetune's samples'): the measured frontier's cheapest point at DDPM-1000's
+# quality on real music and on the demo's genres (BENCHMARKS.md, "Sampler frontier")
+GENERATE_SAMPLER = "dpm-solver-sde"
 INPUT_SAMPLER = "ddim"  # remix's and continue's default, from an input image
 INVERTING_SAMPLER = "ddim"  # interpolate's: it inverts its inputs with DDIM and samples from their noise
 TRAINING_SAMPLER = "ddpm"  # the forward (noising) process finetune trains the UNet on
-PREVIEW_SAMPLER, PREVIEW_STEPS = "ddim", 20  # finetune's samples during training
+PREVIEW_SAMPLER, PREVIEW_STEPS = GENERATE_SAMPLER, SAMPLERS[GENERATE_SAMPLER].default_steps  # finetune's samples
 # The scheduler classes a pipeline folder may name (model_index.json): the two teticio's models come with.
 PIPELINE_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}
 

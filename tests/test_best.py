@@ -32,6 +32,7 @@ def test_export_and_patience_are_checked_before_any_work():
         TrainConfig(data="d", model="tiny", output="o", patience=0)
 
 
+@pytest.mark.slow
 def test_a_run_whose_figure_worsens_exports_its_best_step_and_stops_with_patience(local_ray, tmp_path, capsys):
     write_examples(str(tmp_path / "audio"), tracks_per_genre=1, seconds=6.0, formats=("wav",))
     assert main(["preprocess", str(tmp_path / "audio"), "--model", "tiny", "--output", str(tmp_path / "spec")]) == 0

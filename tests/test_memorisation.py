@@ -62,6 +62,7 @@ def trained(local_ray, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
     data, model = str(trained / "data"), str(trained / "model")
     # a training track remixed at strength 0.1, checked after writing: every remix marked in manifest and gallery
@@ -96,6 +97,7 @@ def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
     assert exact["distance"] == 0 and exact["audio_file"].endswith("drone.wav") and exact["shift"] == 0
 
 
+@pytest.mark.slow
 def test_bad_training_data_is_refused_in_one_line_naming_it(trained, tmp_path):
     (tmp_path / "audio").mkdir()
     (tmp_path / "audio" / "track.wav").write_bytes(wav_bytes(synthesize("drone", 2.0), TINY.sample_rate))

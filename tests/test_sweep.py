@@ -49,6 +49,7 @@ def test_a_sweep_refuses_a_folder_it_did_not_write_and_bad_settings_before_any_t
         SweepConfig(data="d", model="tiny", output="o", trials=0)
 
 
+@pytest.mark.slow
 def test_a_small_sweep_stops_a_lagging_trial_exports_the_best_for_generate_and_resumes(local_ray, tmp_path, capsys):
     write_examples(str(tmp_path / "audio"), tracks_per_genre=1, seconds=6.0, formats=("wav",))
     assert main(["preprocess", str(tmp_path / "audio"), "--model", "tiny", "--output", str(tmp_path / "spec")]) == 0
