@@ -28,8 +28,8 @@ from audiodiff.train_data import RunPlan
 if TYPE_CHECKING:
     from audiodiff.train import TrainConfig
 
-# Stochastic DDIM (the samples' eta): a briefly trained model's deterministic (eta 0) DDIM samples are noise
-# texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
+# The samples' eta, with --sample-scheduler ddim: a briefly trained model's deterministic (eta 0) DDIM samples are
+# noise texture where eta 1 (or DDPM) shows the spectra it has learned (measured on the demo's tiny model).
 SAMPLE_ETA = 1.0
 log = logging.getLogger(__name__)
 
