@@ -59,8 +59,8 @@ SAMPLERS = {
     "euler-ancestral": Sampler(EulerAncestralDiscreteScheduler, 50),
     "heun": Sampler(HeunDiscreteScheduler, 25, karras=True),  # two UNet evaluations per step but the last
 }
-# generate's default (and the demo's, and finetune's samples'): the measured frontier's cheapest point at DDPM-1000's
-# quality on real music and on the demo's genres (BENCHMARKS.md, "Sampler frontier")
+# generate's default, and finetune's samples': nearer held-out real music than DDPM-1000 at 10 UNet evaluations a clip
+# on both measured models (BENCHMARKS.md, "Sampler frontier and the DDIM question")
 GENERATE_SAMPLER = "dpm-solver-sde"
 INPUT_SAMPLER = "ddim"  # remix's and continue's default, from an input image
 INVERTING_SAMPLER = "ddim"  # interpolate's: it inverts its inputs with DDIM and samples from their noise
@@ -94,7 +94,7 @@ def _clipping(sampler: Sampler, model_config: dict) -> dict:
     teticio's models') is clipped by every sampler that can: the multistep solvers have no clip_sample, but
     their dynamic thresholding with its ceiling at 1 is that clamp. Unclipped, a briefly trained model's
     clean-image predictions at high noise land far outside [-1, 1] and its clips turn to noise (BENCHMARKS.md,
-    'Why the ODE solvers clip')."""
+    'Sampler frontier and the DDIM question')."""
     clips = model_config.get("clip_sample") and model_config.get("clip_sample_range", 1.0) == 1.0
     parameters = inspect.signature(sampler.scheduler.__init__).parameters
     if not clips or "clip_sample" in parameters or "thresholding" not in parameters:

@@ -134,13 +134,14 @@ def main() -> None:
           f"{per_1000_reference:.0f} s per 1000 clips", flush=True)
     print(f"per 1000 clips against {args.slices} slices: ours {ours / len(clips) * 1000:.1f} s, reference "
           f"{per_1000_reference:.0f} s, {per_1000_reference / (ours / len(clips) * 1000):.0f}x; our nearest is the "
-          f"exact nearest for {agree:.0%} of the sampled clips (at most {excess:.2f} dB farther), the same copy verdict "
-          f"for {same_verdict:.0%}", flush=True)
+          f"exact nearest for {agree:.0%} of the sampled clips (at most {excess:.2f} dB farther), the same copy "
+          f"verdict for {same_verdict:.0%}", flush=True)
     print(json.dumps({"cpu": cpu_name(), "slices": args.slices, "clips": len(clips),
                       "ours_s": round(ours, 2), "ours_s_per_1000_clips": round(ours / len(clips) * 1000, 2),
                       "reference_s_per_1000_clips": round(per_1000_reference, 1),
                       "speedup": round(per_1000_reference / (ours / len(clips) * 1000), 1),
-                      "exact_nearest_share": agree, "max_excess_db": round(excess, 3), "same_verdict_share": same_verdict, "copies": result["copies"], "planted_found": planted_found,
+                      "exact_nearest_share": agree, "max_excess_db": round(excess, 3),
+                      "same_verdict_share": same_verdict, "copies": result["copies"], "planted_found": planted_found,
                       "planted": args.planted, "load_before": [round(x, 2) for x in load_before],
                       "load_after": [round(x, 2) for x in load_after]}))
 

@@ -90,7 +90,7 @@ Node(RayParams(gcs_address=gcs, node_ip_address="127.0.0.1", num_cpus=1, num_gpu
                            "runtime_env_agent_port"), map(int, ports)))),
      head=False, shutdown_at_exit=True, spawn_reaper=False)
 print("second node up", flush=True)
-signal.sigwait({signal.SIGTERM})
+signal.pause()
 """
 
 
@@ -111,7 +111,8 @@ def head(tmp_path_factory, s3_endpoint, free_port):
     env.pop("RAY_ADDRESS", None)
     ports = ["--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--metrics-export-port", "--runtime-env-agent-port"]
-    start = subprocess.run([HEAD_SCRIPT, "start", "--port", str(gcs), *[a for flag in ports for a in (flag, str(free_port()))],
+    start = subprocess.run([HEAD_SCRIPT, "start", "--port", str(gcs),
+                            *[a for flag in ports for a in (flag, str(free_port()))],
                             "--min-worker-port", "21000", "--max-worker-port", "21999", "--num-cpus", "1"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert start.returncode == 0, start.stdout + start.stderr
