@@ -50,9 +50,19 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address)
     else:
         _loopback_mode()
-        # the dashboard serves the State API that Ray Train's controller queries; on loopback only
+        # the dashboard serves the State API that Ray Train's controller queries; on loopback only. Its workers are
+        # told where it is: left to look, they find every Ray on the machine and fail when there are two
+        port = free_loopback_port()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 _temp_dir=private_temp_dir())
+                 dashboard_port=port, _temp_dir=private_temp_dir(),
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def connect(address: str | None = None) -> None:

@@ -12,12 +12,6 @@ import pyarrow.fs as pafs  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -35,7 +29,9 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) 
 def free_port():
     """A function that returns a TCP port free on 127.0.0.1 now (outside Ray's worker range: the kernel's
     ephemeral ports start at 32768)."""
-    return _free_port
+    from audiodiff.runtime import free_loopback_port
+
+    return free_loopback_port
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +41,9 @@ def s3_endpoint():
     The standard AWS variables point at it for the whole session, set before any Ray starts, because Ray's
     worker processes keep the environment they started with (as on a cluster, where nodes carry it).
     """
-    port = _free_port()
+    from audiodiff.runtime import free_loopback_port
+
+    port = free_loopback_port()
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -302,12 +302,16 @@ def test_a_local_output_is_refused_before_work_on_a_cluster_of_more_than_one_nod
         check_paths_reachable(False, "s3://bucket/out")
 
 
-# Run in a process of its own with the user's environment minus the loopback variable: a local Ray, one task.
+# Run in a process of its own with the user's environment minus the loopback variable: a local Ray, two tasks. The
+# second asks the State API with no address, from a worker, as Ray Train's PlacementGroupCleaner does: with the
+# session's Ray also running, it must find its own Ray, not fail on finding two.
 _LOCAL_RUN = """
 import json, psutil, ray
+from ray.util.state import list_nodes
 from audiodiff.runtime import init_ray
 init_ray()
 ray.get(ray.remote(lambda: 0).remote())
+print(ray.get(ray.remote(lambda: [n.node_id for n in list_nodes()]).remote()) == [ray.get_runtime_context().get_node_id()])
 me = psutil.Process()
 pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
 print(ray._private.worker._global_node.get_temp_dir_path())
@@ -333,9 +337,10 @@ def python_in_own_session(code: str, *args: str, drop: tuple[str, ...] = ("RAY_A
 
 
 @pytest.mark.slow
-def test_a_local_ray_listens_on_loopback_only_without_the_users_export_and_keeps_its_files_private():
+def test_a_local_ray_listens_on_loopback_only_without_the_users_export_and_keeps_its_files_private(local_ray):
     run = python_in_own_session(_LOCAL_RUN, drop=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"))
-    *_, temp_dir, sockets = run.stdout.splitlines()
+    *_, own_state_api, temp_dir, sockets = run.stdout.splitlines()
+    assert own_state_api == "True"
     listening = [ipaddress.ip_address(a) for a in json.loads(sockets)]
     assert listening and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in listening), listening
     # not /tmp/ray: in a folder only the user can enter (Ray opens its own dir to everyone)
