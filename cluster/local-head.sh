@@ -73,8 +73,9 @@ start() {
     exit 1
   fi
   if [[ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then ray get-auth-token --generate >/dev/null; fi
-  # A session of its own, so that `stop` ends exactly these processes (never `ray stop`, which ends any Ray).
-  setsid ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
+  # A session of its own, so that `stop` ends exactly these processes (never `ray stop`, which ends any Ray). No drain
+  # on SIGTERM: it waits for a node with idle workers to go idle, the whole of `stop`'s wait (it is for Serve's replicas)
+  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
     --dashboard-port="${address##*:}" --temp-dir="$state/ray" --disable-usage-stats "$@" >"$state/head.log" 2>&1 &
   echo $! >"$state/head.pid"
   local deadline=$((SECONDS + 120))
@@ -105,9 +106,12 @@ stop() {
     echo "no head running from $state"
     return
   fi
-  local pids
-  mapfile -t pids < <(session_tree "$(cat "$state/head.pid")")
-  kill -TERM "${pids[@]}" 2>/dev/null || true
+  local head pids
+  head="$(cat "$state/head.pid")"
+  mapfile -t pids < <(session_tree "$head")
+  # `ray start --block` stops its node's processes in order (in about 3 s); TERMed all at once, Ray's GCS and raylet
+  # wait for each other the whole 15 s
+  kill -TERM "$head" 2>/dev/null || true
   wait_gone 30
   if ((${#pids[@]})); then
     kill -KILL "${pids[@]}" 2>/dev/null || true
