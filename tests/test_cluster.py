@@ -137,14 +137,25 @@ def head(tmp_path_factory, s3_endpoint, free_port):
         assert [p for session in sessions for p in session_tree(session)] == []
 
 
-def submit(head: Head, stage: str, *args) -> tuple[subprocess.CompletedProcess, str]:
-    """`ray job submit` from the repository root, as the README shows; waits for the job to end."""
+def start_submit(head: Head, stage: str, *args) -> tuple[subprocess.Popen, str]:
+    """`ray job submit` from the repository root, as the README shows, started; it ends when the job does."""
     submission_id = f"{stage}-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run(
+    process = subprocess.Popen(
         ["ray", "job", "submit", "--address", head.address, "--submission-id", submission_id, "--working-dir", ".",
          "--runtime-env", "cluster/runtime_env.yaml", "--", "python", f"jobs/{stage}.py", *map(str, args)],
-        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=540)
-    return result, submission_id
+        cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, submission_id
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=540)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def submit(head: Head, stage: str, *args) -> tuple[subprocess.CompletedProcess, str]:
+    """`ray job submit`, waiting for the job to end."""
+    process, submission_id = start_submit(head, stage, *args)
+    return finished(process), submission_id
 
 
 def job_logs(head: Head, submission_id: str) -> str:
@@ -227,23 +238,26 @@ def test_every_stage_as_a_job_on_two_nodes_writes_each_output_once_to_object_sto
     assert storage.exists(f"{s3_bucket}/remix/index.html") and storage.exists(f"{s3_bucket}/remix/rejects.parquet")
 
 
-@pytest.mark.parametrize("stage, args, message", [
+BAD_ARGUMENTS = [
     ("generate", ["--model", "tiny", "--output", "{bucket}/x", "--num-clips", "many"],
      "argument --num-clips: invalid int value: 'many'"),
     ("finetune", ["--data", "{bucket}/no-such-dataset", "--model", "tiny", "--output", "{bucket}/x"],
      "audiodiff finetune: error: {bucket}/no-such-dataset: no such dataset"),
     ("preprocess", ["{bucket}/audio", "--model", "tiny", "--output", "{tmp}/local"],
      "{tmp}/local: a local path, but the Ray cluster has 2 nodes"),
-])
+]
+
+
 @pytest.mark.slow
-def test_a_job_with_a_bad_argument_fails_with_the_message_in_its_logs(head, s3_bucket, tmp_path, stage, args,
-                                                                      message):
-    if stage == "preprocess":
-        write_examples(f"{s3_bucket}/audio", tracks_per_genre=1, seconds=2.0)
-    result, submission_id = submit(head, stage, *[a.format(bucket=s3_bucket, tmp=tmp_path) for a in args])
-    assert result.returncode != 0
-    assert head.client().get_job_status(submission_id) == JobStatus.FAILED
-    assert message.format(bucket=s3_bucket, tmp=tmp_path) in job_logs(head, submission_id)
+def test_jobs_with_a_bad_argument_fail_with_the_message_in_their_logs(head, s3_bucket, tmp_path):
+    write_examples(f"{s3_bucket}/audio", tracks_per_genre=1, seconds=2.0)
+    # submitted together: each job spends its seconds starting its driver
+    jobs = [(start_submit(head, stage, *[a.format(bucket=s3_bucket, tmp=tmp_path) for a in args]), message)
+            for stage, args, message in BAD_ARGUMENTS]
+    for (process, submission_id), message in jobs:
+        assert finished(process).returncode != 0
+        assert head.client().get_job_status(submission_id) == JobStatus.FAILED
+        assert message.format(bucket=s3_bucket, tmp=tmp_path) in job_logs(head, submission_id)
     assert not (tmp_path / "local").exists()
 
 
