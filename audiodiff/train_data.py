@@ -8,7 +8,7 @@ its share of every step, like torch's DistributedSampler: the order is the same 
 a resumed run continues mid-epoch at the exact batch. A larger dataset streams through Ray Train's dataset
 shards, its files in an order seeded per epoch and a local shuffle buffer seeded by (seed, epoch, rank); a
 resume skips as many batches as the epoch had used. A small held-out part of the images (by a hash of
-(audio_file, slice)) is never trained on: the quality figure compares samples against it.
+the track's file name and the slice) is never trained on: the quality figure compares samples against it.
 
 A micro-batch's noise and timesteps come from a generator seeded by (seed, its slot in the run's global order
 of micro-batches), so the random state of a run is its step count: a resumed run ends with the weights of an
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import posixpath
 import zlib
 from typing import TYPE_CHECKING
 
@@ -66,11 +67,13 @@ class RunPlan:
 
 
 def _row_key(audio_file: str, slice_index: int) -> str:
-    return f"{audio_file}#{slice_index}"
+    """A slice's name for the held-out split: its track's file name, not its folder, so that the same tracks split
+    alike wherever they lie (the demo's genres came out apart or not depending on its output folder)."""
+    return f"{posixpath.basename(audio_file)}#{slice_index}"
 
 
 def _holdout_keys(rows: list[dict]) -> set[str]:
-    """The rows kept out of training: the smallest hashes of (audio_file, slice), a fixed share of the data."""
+    """The rows kept out of training: the smallest hashes of their keys (_row_key), a fixed share of the data."""
     keys = [_row_key(r["audio_file"], r["slice"]) for r in rows]
     count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
