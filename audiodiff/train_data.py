@@ -58,6 +58,7 @@ class RunPlan:
     cpus: float  # per worker
     in_memory: bool
     blocks: list | None  # refs of {column: array} blocks when the data is held in the object store
+    order: list[int] | None  # the blocks' rows sorted by their key: an order that no file layout changes
     holdout: object  # ref of uint8 [n, height, width]
     model_genres: list[str] | None = None  # a genre model's genres, in the order of its vectors (then the null one)
 
@@ -167,10 +168,15 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                       batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
                                       num_cpus=1 if config.gpu else ACTOR_CPUS,
                                       compute=ray.data.ActorPoolStrategy(size=config.num_workers))
-        datasets, blocks = {}, None
+        datasets, blocks, order = {}, None, None
         if in_memory:
             train = train.materialize()
             blocks = train.to_numpy_refs()
+            # preprocess writes a track's slices in whichever order its workers finish, so the seeded shuffle
+            # starts from the keys' order (the full path only breaks ties between folders' same-named files)
+            trained = [(_row_key(r["audio_file"], r["slice"]), r["audio_file"]) for r in rows]
+            trained = [key for key in trained if key[0] not in keys]
+            order = sorted(range(len(trained)), key=trained.__getitem__)
         else:
             datasets["train"] = train
     holdout = ray.put(held)
@@ -187,7 +193,8 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                       max(1, int(min(largest_node("CPU"), cluster_capacity("CPU") / config.num_workers)))
                                       if in_memory else 0.5)
     plan = RunPlan(rows=rows, holdout_rows=len(held), steps_per_epoch=steps_per_epoch, total_steps=total,
-                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, holdout=holdout, model_genres=genres)
+                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, order=order, holdout=holdout,
+                   model_genres=genres)
     return plan, datasets
 
 
@@ -195,11 +202,11 @@ class InMemoryImages:
     """The training images (or latents, and labels) held in the object store, read zero-copy by every worker of
     a node."""
 
-    def __init__(self, blocks: list):
+    def __init__(self, blocks: list, order: list[int]):
         self.blocks = ray.get(blocks)
         sizes = [len(next(iter(block.values()))) for block in self.blocks]
         self.where = np.concatenate([np.stack([np.full(n, i), np.arange(n)], axis=1)
-                                     for i, n in enumerate(sizes)])  # image index -> (block, row)
+                                     for i, n in enumerate(sizes)])[order]  # image index -> (block, row)
 
     def batches(self, config: TrainConfig, plan: RunPlan, rank: int, world: int, epoch: int, first_step: int):
         """Rank `rank`'s micro-batches of one epoch from step `first_step` on: {column: array}, the images

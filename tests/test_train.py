@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,8 +20,6 @@ TRAIN = ["--num-workers", "2", "--warmup-steps", "2", "--log-every", "2", "--num
 @pytest.fixture(scope="module")
 def many_parts(spectrograms, tmp_path_factory):
     """The same images in three parts, as preprocess writes one part per 32 tracks."""
-    import shutil
-
     import pyarrow.parquet as pq
 
     from audiodiff.dataset import spectrogram_files
@@ -177,9 +176,9 @@ def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
 
     # 8 tracks of 12 consecutive slices each, as preprocess writes them; each image holds its track's number
     tracks = np.repeat(np.arange(8, dtype=np.uint8), 12)[:, None, None] * np.ones((1, 2, 2), np.uint8)
-    images = InMemoryImages([ray.put({"image": tracks[:48]}), ray.put({"image": tracks[48:]})])
+    images = InMemoryImages([ray.put({"image": tracks[:48]}), ray.put({"image": tracks[48:]})], list(range(96)))
     plan = RunPlan(rows=96, holdout_rows=0, steps_per_epoch=12, total_steps=24, warmup_steps=0, cpus=1,
-                   in_memory=True, blocks=None, holdout=None)
+                   in_memory=True, blocks=None, order=None, holdout=None)
 
     def order(seed, epoch, rank=0, world=1, first=0):
         config = TrainConfig(data="", model="tiny", output="", batch_size=8 // world, seed=seed)
@@ -192,6 +191,29 @@ def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
     assert order(seed=0, epoch=0, first=5) == first[5:]  # a resumed epoch continues at its step
     ranks = [order(seed=0, epoch=0, rank=r, world=2) for r in (0, 1)]
     assert [a + b for a, b in zip(*ranks)] == first  # two workers split every step of the one-worker order
+
+
+def test_the_data_order_is_the_same_whatever_order_preprocess_wrote_the_slices_in(spectrograms, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audiodiff.train import TrainConfig
+    from audiodiff.train_data import InMemoryImages, plan_run
+
+    reversed_data = shutil.copytree(spectrograms, tmp_path / "reversed")
+    parts = sorted(reversed_data.rglob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(part) for part in parts])
+    for part in parts:
+        part.unlink()
+    # the workers of another preprocess run finish in another order
+    pq.write_table(table.take(list(reversed(range(table.num_rows)))), parts[0])
+    firsts = []
+    for data in (spectrograms, str(reversed_data)):
+        config = TrainConfig(data=data, model="tiny", output=str(tmp_path / "o"), batch_size=4)
+        plan, _ = plan_run(config, models.new_model("tiny"))
+        batches = InMemoryImages(plan.blocks, plan.order).batches(config, plan, 0, 1, 0, 0)
+        firsts.append(np.stack([batch["image"] for batch in batches]))
+    assert np.array_equal(*firsts)
 
 
 @pytest.mark.slow
@@ -331,7 +353,7 @@ def test_samples_come_from_the_model_in_eval_mode_under_the_runs_autocast(tmp_pa
     monkeypatch.setattr(train_report.sampling, "sample", sample)
     monkeypatch.setattr(train_report.ray, "get", lambda ref: ref)  # the held-out images themselves, not a Ray ref
     plan = RunPlan(rows=4, holdout_rows=4, steps_per_epoch=1, total_steps=1, warmup_steps=0, cpus=1, in_memory=True,
-                   blocks=None, holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
+                   blocks=None, order=None, holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
     config = TrainConfig(data="", model="tiny", output=str(tmp_path), precision="bf16", num_samples=2, sample_steps=2)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
     Reporter(config, parts, unet, ema, None, plan, torch.device("cpu")).write_samples(1)
