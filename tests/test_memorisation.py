@@ -76,8 +76,7 @@ def test_planted_copies_are_flagged_and_clean_clips_are_not(trained, tmp_path):
     assert page.count('class="copy-mark"') == len(remixes)
     assert remix["memorisation"]["copies"] == len(remixes)
     # clips from noise, checked after writing: mostly not marked
-    generated = run_generate(GenerateConfig(model=model, output=str(tmp_path / "clips"), num_clips=8, scheduler="ddpm",
-                                            steps=100, training=data))
+    generated = run_generate(GenerateConfig(model=model, output=str(tmp_path / "clips"), num_clips=8, training=data))
     rows = pq.read_table(tmp_path / "clips" / "manifest.parquet").to_pylist()
     # "mostly not" (the word): the synthetic drones repeat themselves, so a generated drone can sit
     # within the threshold of a training drone slice (README: the rate on these tracks)
