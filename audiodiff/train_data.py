@@ -73,9 +73,8 @@ def _row_key(audio_file: str, slice_index: int) -> str:
     return f"{posixpath.basename(audio_file)}#{slice_index}"
 
 
-def _holdout_keys(rows: list[dict]) -> set[str]:
+def _holdout_keys(keys: list[str]) -> set[str]:
     """The rows kept out of training: the smallest hashes of their keys (_row_key), a fixed share of the data."""
-    keys = [_row_key(r["audio_file"], r["slice"]) for r in rows]
     count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
@@ -156,7 +155,8 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         keyed = ["audio_file", "slice"] + (["genre"] if config.condition == "genre" else [])
         dataset = dataset.select_columns(["image", *keyed])
         rows = dataset.select_columns(keyed).take_all()
-        keys = _holdout_keys(rows)
+        row_keys = [_row_key(r["audio_file"], r["slice"]) for r in rows]
+        keys = _holdout_keys(row_keys)
         genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
         held = np.stack([row["image"] for row in _images(dataset, keys, True, (height, width), config.data).take_all()])
         train = _images(dataset, keys, False, (height, width), config.data, genres)
@@ -174,8 +174,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
             blocks = train.to_numpy_refs()
             # preprocess writes a track's slices in whichever order its workers finish, so the seeded shuffle
             # starts from the keys' order (the full path only breaks ties between folders' same-named files)
-            trained = [(_row_key(r["audio_file"], r["slice"]), r["audio_file"]) for r in rows]
-            trained = [key for key in trained if key[0] not in keys]
+            trained = [(key, r["audio_file"]) for key, r in zip(row_keys, rows) if key not in keys]
             order = sorted(range(len(trained)), key=trained.__getitem__)
         else:
             datasets["train"] = train

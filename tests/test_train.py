@@ -353,7 +353,8 @@ def test_samples_come_from_the_model_in_eval_mode_under_the_runs_autocast(tmp_pa
     monkeypatch.setattr(train_report.sampling, "sample", sample)
     monkeypatch.setattr(train_report.ray, "get", lambda ref: ref)  # the held-out images themselves, not a Ray ref
     plan = RunPlan(rows=4, holdout_rows=4, steps_per_epoch=1, total_steps=1, warmup_steps=0, cpus=1, in_memory=True,
-                   blocks=None, order=None, holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
+                   blocks=None, order=None,
+                   holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
     config = TrainConfig(data="", model="tiny", output=str(tmp_path), precision="bf16", num_samples=2, sample_steps=2)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
     Reporter(config, parts, unet, ema, None, plan, torch.device("cpu")).write_samples(1)
