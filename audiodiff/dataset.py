@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import FileShuffleConfig
@@ -249,6 +250,28 @@ class Spectrograms:
             dataset = ray.data.read_datasource(ArrowStreamFiles(paths, filesystem=fs, shuffle=shuffle),
                                                num_cpus=LIGHT_CPUS)
         return filter_genres(dataset, genres)
+
+    def small_columns(self, names: list[str], genres: list[str] = ()) -> pa.Table:
+        """Some columns of every row (of some genres only, given `genres`), read here without Ray: the small ones
+        that plan a fine-tune (the parquet files' other columns stay unread)."""
+        if genres and "genre" not in self.columns:
+            raise AudiodiffError(f"{self.uri}: has no genre column, so --genre cannot choose; leave it out to use "
+                                 "every image")
+        wanted = list(dict.fromkeys([*names, *(["genre"] if genres else [])]))
+        tables = []
+        for file in self.files:
+            fs, path = storage.resolve(file)
+            try:
+                if path.endswith(".parquet"):
+                    tables.append(pq.read_table(path, filesystem=fs, columns=wanted))
+                else:
+                    with fs.open_input_stream(path) as f:
+                        tables.append(pa.ipc.open_stream(f).read_all().select(wanted))
+            except (OSError, KeyError, pa.ArrowInvalid) as e:
+                raise AudiodiffError(f"{file}: not a part of a spectrogram dataset ({type(e).__name__}: {e}); "
+                                     "preprocess the audio again") from None
+        table = pa.concat_tables(tables)
+        return table.filter(pc.is_in(table["genre"], pa.array(list(genres)))) if genres else table
 
     def first_image_size(self) -> tuple[int, int]:
         """(height, width) of the first image, read without starting Ray; checks the format."""

@@ -181,7 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     vqvae = parts.vqvae.to(device).eval() if parts.vqvae is not None else None
     reporter = Reporter(config, parts, unet, ema, ema_vectors, plan, device) if rank == 0 else None
-    memory = InMemoryImages(plan.blocks, plan.order) if plan.in_memory else None
+    memory = InMemoryImages(plan.blocks, plan.where) if plan.in_memory else None
     stop = min(plan.total_steps, config.stop_at_step or plan.total_steps)
     loss_sum, images_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
     run_started, first_step = started, step

@@ -58,7 +58,7 @@ class RunPlan:
     cpus: float  # per worker
     in_memory: bool
     blocks: list | None  # refs of {column: array} blocks when the data is held in the object store
-    order: list[int] | None  # the blocks' rows sorted by their key: an order that no file layout changes
+    where: np.ndarray | None  # (block, row) of each training image in the blocks, in an order no file layout changes
     holdout: object  # ref of uint8 [n, height, width]
     model_genres: list[str] | None = None  # a genre model's genres, in the order of its vectors (then the null one)
 
@@ -79,24 +79,41 @@ def _holdout_keys(keys: list[str]) -> set[str]:
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
 
-def _images(dataset: ray.data.Dataset, keys: set[str], held_out: bool, size: tuple[int, int], uri: str,
-            genres: list[str] | None = None) -> ray.data.Dataset:
-    """The decoded images of the rows whose key is (or is not) in `keys`, each checked to be a PNG of `size`
-    (an image that is not stops the run naming `uri` and its row); with `genres`, each image's `label` too: the
-    index of its genre (`len(genres)`, the null vector's, for none)."""
+def _flagged(dataset: ray.data.Dataset, keys: set[str], genres: list[str] | None) -> ray.data.Dataset:
+    """The rows' `image`, `audio_file`, `slice` (and `genre` given `genres`) and `held_out`: whether the row's key is
+    in `keys`."""
     def flag(batch: pa.Table) -> pa.Table:
         held = [_row_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
         return batch.append_column("held_out", pa.array(held, pa.bool_()))
 
-    def decode_labelled(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keyed = ["image", "audio_file", "slice"] + (["genre"] if genres is not None else [])
+    return dataset.select_columns(keyed).map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+
+
+def _split(flagged: ray.data.Dataset, held_out: bool) -> ray.data.Dataset:
+    return flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
+
+
+def _decoded(flagged: ray.data.Dataset, size: tuple[int, int], uri: str, genres: list[str] | None) -> ray.data.Dataset:
+    """The flagged rows with their images decoded, each checked to be a PNG of `size` (an image that is not stops the
+    run naming `uri` and its row); with `genres`, each row's `label` too: the index of its genre (`len(genres)`,
+    the null vector's, for none)."""
+    def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index = {genre: i for i, genre in enumerate(genres or [])}
         labels = {"label": np.array([index.get(g, len(genres)) for g in batch["genre"]])} if genres is not None else {}
-        return {**decode_images(batch, size, uri), **labels}
+        kept = {name: batch[name] for name in ("audio_file", "slice", "held_out")}
+        return {**decode_images(batch, size, uri), **kept, **labels}
 
-    flagged = dataset.map_batches(flag, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
-    chosen = flagged.filter(expr=col("held_out") == held_out, num_cpus=LIGHT_CPUS)
-    keyed = ["image", "audio_file", "slice"] + (["genre"] if genres is not None else [])
-    return chosen.select_columns(keyed).map_batches(decode_labelled, num_cpus=LIGHT_CPUS)
+    return flagged.map_batches(decode, num_cpus=LIGHT_CPUS)
+
+
+def _training_rows(blocks: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """[rows, 2]: (block, row) of each training image, sorted by its key. Preprocess writes a track's slices in
+    whichever order its workers finish, so the seeded shuffle starts from the keys' order (the full path only
+    breaks ties between folders' same-named files), not the blocks'."""
+    found = [(_row_key(a, s), a, b, r) for b, block in enumerate(blocks)
+             for r, (a, s, held) in enumerate(zip(block["audio_file"], block["slice"], block["held_out"])) if not held]
+    return np.array([(b, r) for *_, b, r in sorted(found, key=lambda f: f[:2])], np.int64).reshape(-1, 2)
 
 
 class LatentDistributions:
@@ -138,46 +155,44 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         raise AudiodiffError(f"{config.data}: images are {height}x{width} but the model makes "
                              f"{parts.image_size[0]}x{parts.image_size[1]} (height x width); "
                              f"preprocess with --model {config.model}")
+    if not {"audio_file", "slice"} <= set(data.columns):
+        raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(data.columns)}); "
+                             "preprocess the audio with audiodiff")
+    if config.condition == "genre" and "genre" not in data.columns:
+        raise AudiodiffError(f"{config.data}: --condition genre, but the data has no genre column")
+    keyed = ["audio_file", "slice"] + (["genre"] if config.condition == "genre" else [])
+    rows = data.small_columns(keyed, config.only_genres).to_pylist()
+    total_rows = len(rows)
+    if total_rows == 0:
+        raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.only_genres)}"
+                             if config.only_genres else f"{config.data}: the dataset is empty")
+    if total_rows == 1:
+        raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
+    keys = _holdout_keys([_row_key(r["audio_file"], r["slice"]) for r in rows])
+    genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
+    fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
+    # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
+    in_memory = (fits and not config.stream) or parts.vqvae is not None
     # blocks in file order, so a seeded permutation picks the same images on every run
     with _ordered(), worker_errors():
         dataset = data.read(config.only_genres, shuffle_seed=None if not config.stream else config.seed)
-        if not {"audio_file", "slice"} <= set(data.columns):
-            raise AudiodiffError(f"{config.data}: no audio_file and slice columns (columns: {', '.join(data.columns)}); "
-                                 "preprocess the audio with audiodiff")
-        total_rows = dataset.count()
-        if total_rows == 0:
-            raise AudiodiffError(f"{config.data}: no images of genre {', '.join(config.only_genres)}"
-                                 if config.only_genres else f"{config.data}: the dataset is empty")
-        if total_rows == 1:
-            raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
-        if config.condition == "genre" and "genre" not in data.columns:
-            raise AudiodiffError(f"{config.data}: --condition genre, but the data has no genre column")
-        keyed = ["audio_file", "slice"] + (["genre"] if config.condition == "genre" else [])
-        dataset = dataset.select_columns(["image", *keyed])
-        rows = dataset.select_columns(keyed).take_all()
-        row_keys = [_row_key(r["audio_file"], r["slice"]) for r in rows]
-        keys = _holdout_keys(row_keys)
-        genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
-        held = np.stack([row["image"] for row in _images(dataset, keys, True, (height, width), config.data).take_all()])
-        train = _images(dataset, keys, False, (height, width), config.data, genres)
-        fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
-        # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
-        in_memory = (fits and not config.stream) or parts.vqvae is not None
-        if parts.vqvae is not None:
-            train = train.map_batches(LatentDistributions, fn_constructor_args=(config.model, config.gpu),
-                                      batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
-                                      num_cpus=1 if config.gpu else ACTOR_CPUS,
-                                      compute=ray.data.ActorPoolStrategy(size=config.num_workers))
-        datasets, blocks, order = {}, None, None
-        if in_memory:
-            train = train.materialize()
+        flagged = _flagged(dataset, keys, genres)
+        datasets, blocks, where = {}, None, None
+        if in_memory:  # one pass: the held-out images are picked from the materialised blocks
+            train = _decoded(flagged, (height, width), config.data, genres).materialize()
+            held = np.concatenate([block["image"][block["held_out"]] for block in ray.get(train.to_numpy_refs())])
+            if parts.vqvae is not None:
+                train = _split(train, False).map_batches(
+                    LatentDistributions, fn_constructor_args=(config.model, config.gpu),
+                    batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
+                    num_cpus=1 if config.gpu else ACTOR_CPUS,
+                    compute=ray.data.ActorPoolStrategy(size=config.num_workers)).materialize()
             blocks = train.to_numpy_refs()
-            # preprocess writes a track's slices in whichever order its workers finish, so the seeded shuffle
-            # starts from the keys' order (the full path only breaks ties between folders' same-named files)
-            trained = [(key, r["audio_file"]) for key, r in zip(row_keys, rows) if key not in keys]
-            order = sorted(range(len(trained)), key=trained.__getitem__)
+            where = _training_rows(ray.get(blocks))
         else:
-            datasets["train"] = train
+            held = np.stack([row["image"] for row in
+                             _decoded(_split(flagged, True), (height, width), config.data, genres).take_all()])
+            datasets["train"] = _decoded(_split(flagged, False), (height, width), config.data, genres)
     holdout = ray.put(held)
     rows = total_rows - len(held)
     per_step = config.batch_size * config.num_workers * config.grad_accum
@@ -192,7 +207,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                                       max(1, int(min(largest_node("CPU"), cluster_capacity("CPU") / config.num_workers)))
                                       if in_memory else 0.5)
     plan = RunPlan(rows=rows, holdout_rows=len(held), steps_per_epoch=steps_per_epoch, total_steps=total,
-                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, order=order, holdout=holdout,
+                   warmup_steps=warmup, cpus=cpus, in_memory=in_memory, blocks=blocks, where=where, holdout=holdout,
                    model_genres=genres)
     return plan, datasets
 
@@ -201,11 +216,12 @@ class InMemoryImages:
     """The training images (or latents, and labels) held in the object store, read zero-copy by every worker of
     a node."""
 
-    def __init__(self, blocks: list, order: list[int]):
+    SERVED = ("image", "latent", "label")
+
+    def __init__(self, blocks: list, where: np.ndarray):
         self.blocks = ray.get(blocks)
-        sizes = [len(next(iter(block.values()))) for block in self.blocks]
-        self.where = np.concatenate([np.stack([np.full(n, i), np.arange(n)], axis=1)
-                                     for i, n in enumerate(sizes)])[order]  # image index -> (block, row)
+        self.where = where  # image index -> (block, row)
+        self.columns = [name for name in self.SERVED if name in self.blocks[0]]
 
     def batches(self, config: TrainConfig, plan: RunPlan, rank: int, world: int, epoch: int, first_step: int):
         """Rank `rank`'s micro-batches of one epoch from step `first_step` on: {column: array}, the images
@@ -217,7 +233,7 @@ class InMemoryImages:
             chosen = chosen.reshape(config.grad_accum, world, config.batch_size)[:, rank]
             for micro in chosen:
                 yield {name: np.stack([self.blocks[b][name][r] for b, r in self.where[micro]])
-                       for name in self.blocks[0]}
+                       for name in self.columns}
 
 
 @contextlib.contextmanager

@@ -176,9 +176,10 @@ def test_data_order_mixes_tracks_and_is_reproducible_by_seed(local_ray):
 
     # 8 tracks of 12 consecutive slices each, as preprocess writes them; each image holds its track's number
     tracks = np.repeat(np.arange(8, dtype=np.uint8), 12)[:, None, None] * np.ones((1, 2, 2), np.uint8)
-    images = InMemoryImages([ray.put({"image": tracks[:48]}), ray.put({"image": tracks[48:]})], list(range(96)))
+    where = np.array([(b, r) for b in (0, 1) for r in range(48)])
+    images = InMemoryImages([ray.put({"image": tracks[:48]}), ray.put({"image": tracks[48:]})], where)
     plan = RunPlan(rows=96, holdout_rows=0, steps_per_epoch=12, total_steps=24, warmup_steps=0, cpus=1,
-                   in_memory=True, blocks=None, order=None, holdout=None)
+                   in_memory=True, blocks=None, where=None, holdout=None)
 
     def order(seed, epoch, rank=0, world=1, first=0):
         config = TrainConfig(data="", model="tiny", output="", batch_size=8 // world, seed=seed)
@@ -211,7 +212,7 @@ def test_the_data_order_is_the_same_whatever_order_preprocess_wrote_the_slices_i
     for data in (spectrograms, str(reversed_data)):
         config = TrainConfig(data=data, model="tiny", output=str(tmp_path / "o"), batch_size=4)
         plan, _ = plan_run(config, models.new_model("tiny"))
-        batches = InMemoryImages(plan.blocks, plan.order).batches(config, plan, 0, 1, 0, 0)
+        batches = InMemoryImages(plan.blocks, plan.where).batches(config, plan, 0, 1, 0, 0)
         firsts.append(np.stack([batch["image"] for batch in batches]))
     assert np.array_equal(*firsts)
 
@@ -353,7 +354,7 @@ def test_samples_come_from_the_model_in_eval_mode_under_the_runs_autocast(tmp_pa
     monkeypatch.setattr(train_report.sampling, "sample", sample)
     monkeypatch.setattr(train_report.ray, "get", lambda ref: ref)  # the held-out images themselves, not a Ray ref
     plan = RunPlan(rows=4, holdout_rows=4, steps_per_epoch=1, total_steps=1, warmup_steps=0, cpus=1, in_memory=True,
-                   blocks=None, order=None,
+                   blocks=None, where=None,
                    holdout=np.random.default_rng(0).integers(0, 255, (4, 64, 64), dtype=np.uint8))
     config = TrainConfig(data="", model="tiny", output=str(tmp_path), precision="bf16", num_samples=2, sample_steps=2)
     ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
