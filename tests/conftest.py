@@ -1,4 +1,8 @@
+import contextlib
+import dataclasses
+import io
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -194,3 +198,26 @@ def tiny_conditional_pipeline_folder(tmp_path_factory):
                            scheduler=DDPMScheduler()).save_pretrained(str(folder), safe_serialization=False)
     conditioning.save_pretrained(str(folder / "conditioning"))
     return str(folder)
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    folder: pathlib.Path
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def demo(local_ray, tmp_path_factory):
+    """`audiodiff demo` run once for the session, whole (30 epochs: at 8, the genres' clips were not yet each nearest
+    their own genre's audio): its folder (synthetic audio, spectrograms, the fine-tuned genre model, clips, page) and
+    what it printed; read and never changed by the tests."""
+    from audiodiff.cli import main
+
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # a text stream main() can set to line buffering
+    with contextlib.redirect_stdout(stdout):
+        code = main(["demo", "--output", str(folder)])
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode()
+    assert code == 0, printed[-3000:]
+    return Demo(folder, printed)

@@ -13,11 +13,8 @@ from audiodiff.synth import GENRES
 
 
 @pytest.mark.slow
-def test_demo_runs_all_three_stages_and_replaces_only_its_own_output(local_ray, tmp_path, capsys):
-    out = tmp_path / "demo"
-    # the demo's own length (30 epochs): at 8, the genres' clips were not yet each nearest their own genre's audio
-    assert main(["demo", "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_demo_runs_all_three_stages_and_replaces_only_its_own_output(demo, tmp_path, capsys):
+    out, printed = demo.folder, demo.printed
     assert f"open {out / 'index.html'}" in printed
     assert (out / "spectrograms" / "stats.json").exists() and (out / "model" / "model_index.json").exists()
     # fine-tuning brings the clips closer to the training audio than the untrained model's, by the quality figure
