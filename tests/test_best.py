@@ -7,7 +7,6 @@ from diffusers import UNet2DModel
 
 from audiodiff.cli import main
 from audiodiff.errors import AudiodiffError
-from audiodiff.synth import write_examples
 from audiodiff.train import TrainConfig
 from audiodiff.train_report import best_sample, samples_since_best
 
@@ -33,12 +32,10 @@ def test_export_and_patience_are_checked_before_any_work():
 
 
 @pytest.mark.slow
-def test_a_run_whose_figure_worsens_exports_its_best_step_and_stops_with_patience(local_ray, tmp_path, capsys):
-    write_examples(str(tmp_path / "audio"), tracks_per_genre=1, seconds=6.0, formats=("wav",))
-    assert main(["preprocess", str(tmp_path / "audio"), "--model", "tiny", "--output", str(tmp_path / "spec")]) == 0
+def test_a_run_whose_figure_worsens_exports_its_best_step_and_stops_with_patience(spectrograms, tmp_path, capsys):
     out = tmp_path / "model"
     # the warm-up's first step has lr 0 (step 1 is the initial model); from step 2 on lr 100 wrecks the weights
-    run = ["finetune", "--data", str(tmp_path / "spec"), "--model", "tiny", "--output", str(out), "--num-workers", "1",
+    run = ["finetune", "--data", spectrograms, "--model", "tiny", "--output", str(out), "--num-workers", "1",
            "--batch-size", "2", "--epochs", "2", "--lr", "100", "--lr-schedule", "constant", "--warmup-steps", "1",
            "--sample-every", "1", "--log-every", "1", "--num-samples", "2", "--sample-steps", "2", "--patience", "2"]
     assert main(run) == 0

@@ -159,10 +159,8 @@ def submit(head: Head, stage: str, *args) -> tuple[subprocess.CompletedProcess, 
 
 
 def job_logs(head: Head, submission_id: str) -> str:
-    result = subprocess.run(["ray", "job", "logs", "--address", head.address, submission_id],
-                            env=head.env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    """What `ray job logs` prints, through the job client in this process (the command starts Ray's CLI each time)."""
+    return head.client().get_job_logs(submission_id)
 
 
 def succeeded(head: Head, stage: str, *args) -> str:

@@ -7,7 +7,6 @@ import ray.tune
 from audiodiff.cli import main
 from audiodiff.errors import AudiodiffError
 from audiodiff.sweep import SweepConfig, default_space, read_space, run_sweep
-from audiodiff.synth import write_examples
 
 
 def test_a_search_space_file_becomes_tune_distributions_and_its_mistakes_are_named(tmp_path):
@@ -50,13 +49,12 @@ def test_a_sweep_refuses_a_folder_it_did_not_write_and_bad_settings_before_any_t
 
 
 @pytest.mark.slow
-def test_a_small_sweep_stops_a_lagging_trial_exports_the_best_for_generate_and_resumes(local_ray, tmp_path, capsys):
-    write_examples(str(tmp_path / "audio"), tracks_per_genre=1, seconds=6.0, formats=("wav",))
-    assert main(["preprocess", str(tmp_path / "audio"), "--model", "tiny", "--output", str(tmp_path / "spec")]) == 0
+def test_a_small_sweep_stops_a_lagging_trial_exports_the_best_for_generate_and_resumes(spectrograms, tmp_path,
+                                                                                      capsys):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {grid: [1.0e-3, 10.0]}\n")  # the second trial's learning rate is absurd
     out = tmp_path / "sweep"
-    sweep = ["sweep", "--data", str(tmp_path / "spec"), "--model", "tiny", "--output", str(out), "--trials", "1",
+    sweep = ["sweep", "--data", spectrograms, "--model", "tiny", "--output", str(out), "--trials", "1",
              "--space", str(space), "--max-steps", "4", "--grace-steps", "2", "--sample-every", "2", "--epochs", "1",
              "--batch-size", "2", "--num-workers", "1", "--num-samples", "2", "--sample-steps", "2", "--log-every", "2"]
     assert main(sweep) == 0
