@@ -323,6 +323,13 @@ def open_spectrograms(uri: str) -> Spectrograms:
     return Spectrograms(uri, files, columns)
 
 
+def slice_key(audio_file: str, slice_index: int) -> str:
+    """A slice's name by its track's file name, not its folder: finetune's held-out split and training order key the
+    rows by it, so that the same tracks split alike wherever they lie (the demo's genres came out apart or not
+    depending on its output folder)."""
+    return f"{posixpath.basename(audio_file)}#{slice_index}"
+
+
 def decode_image(png: bytes, name: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """One image of the dataset: uint8 [height, width], checked to be a PNG of `size` (height, width) before it
     is decoded; BadImageError naming `name` otherwise."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import posixpath
 import zlib
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ import torch
 from ray.data.expressions import col
 
 from audiodiff import devices, sampling
-from audiodiff.dataset import decode_images, open_spectrograms
+from audiodiff.dataset import decode_images, open_spectrograms, slice_key
 from audiodiff.errors import AudiodiffError
 from audiodiff.models import PipelineParts, load_model
 from audiodiff.runtime import (ACTOR_CPUS, LIGHT_CPUS, cluster_capacity, largest_node, smallest_object_store,
@@ -67,23 +66,18 @@ class RunPlan:
         return max(1, int(self.cpus))
 
 
-def _row_key(audio_file: str, slice_index: int) -> str:
-    """A slice's name for the held-out split: its track's file name, not its folder, so that the same tracks split
-    alike wherever they lie (the demo's genres came out apart or not depending on its output folder)."""
-    return f"{posixpath.basename(audio_file)}#{slice_index}"
-
-
 def _holdout_keys(keys: list[str]) -> set[str]:
-    """The rows kept out of training: the smallest hashes of their keys (_row_key), a fixed share of the data."""
+    """The rows kept out of training: the smallest hashes of their keys (slice_key), a fixed share of the data."""
     count = max(1, min(MAX_HOLDOUT, round(len(keys) * HOLDOUT_FRACTION)))
     return set(sorted(keys, key=lambda k: zlib.crc32(k.encode()))[:count])
 
 
 def _flagged(dataset: ray.data.Dataset, keys: set[str], genres: list[str] | None) -> ray.data.Dataset:
     """The rows' `image`, `audio_file`, `slice` (and `genre` given `genres`) and `held_out`: whether the row's key is
-    in `keys`."""
+    in `keys`. (This function's and `_decoded`'s steps name nothing of this module's: a Ray Data worker that runs
+    them imports audiodiff.dataset, not torch's training stack and diffusers.)"""
     def flag(batch: pa.Table) -> pa.Table:
-        held = [_row_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
+        held = [slice_key(a, s) in keys for a, s in zip(batch["audio_file"].to_pylist(), batch["slice"].to_pylist())]
         return batch.append_column("held_out", pa.array(held, pa.bool_()))
 
     keyed = ["image", "audio_file", "slice"] + (["genre"] if genres is not None else [])
@@ -111,7 +105,7 @@ def _training_rows(blocks: list[dict[str, np.ndarray]]) -> np.ndarray:
     """[rows, 2]: (block, row) of each training image, sorted by its key. Preprocess writes a track's slices in
     whichever order its workers finish, so the seeded shuffle starts from the keys' order (the full path only
     breaks ties between folders' same-named files), not the blocks'."""
-    found = [(_row_key(a, s), a, b, r) for b, block in enumerate(blocks)
+    found = [(slice_key(a, s), a, b, r) for b, block in enumerate(blocks)
              for r, (a, s, held) in enumerate(zip(block["audio_file"], block["slice"], block["held_out"])) if not held]
     return np.array([(b, r) for *_, b, r in sorted(found, key=lambda f: f[:2])], np.int64).reshape(-1, 2)
 
@@ -168,7 +162,7 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
                              if config.only_genres else f"{config.data}: the dataset is empty")
     if total_rows == 1:
         raise AudiodiffError(f"{config.data}: one image; fine-tuning needs at least 2 (one is held out)")
-    keys = _holdout_keys([_row_key(r["audio_file"], r["slice"]) for r in rows])
+    keys = _holdout_keys([slice_key(r["audio_file"], r["slice"]) for r in rows])
     genres = _genre_names(rows, parts, config.model) if config.condition == "genre" else None
     fits = total_rows * height * width < OBJECT_STORE_SHARE * smallest_object_store()
     # latents are made once and held, spilling to disk if they must: streaming would encode them every epoch
