@@ -16,6 +16,7 @@ or a `datasets.save_to_disk` folder (`dataset_dict.json` + a split folder of Arr
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -234,13 +235,16 @@ class Spectrograms:
     files: list[str]
     columns: list[str]
 
+    def _check_can_choose(self, genres: list[str]) -> None:
+        if genres and "genre" not in self.columns:
+            raise AudiodiffError(f"{self.uri}: has no genre column, so --genre cannot choose; leave it out to use "
+                                 "every image")
+
     def read(self, genres: list[str] = (), shuffle_seed: int | None = None) -> ray.data.Dataset:
         """The rows (`image`, and `audio_file`/`slice`/`genre` where present) as a Ray dataset, optionally of some
         genres only, optionally with the files in an order seeded by `shuffle_seed` and the execution (each epoch
         of a streamed fine-tune another order)."""
-        if genres and "genre" not in self.columns:
-            raise AudiodiffError(f"{self.uri}: has no genre column, so --genre cannot choose; leave it out to use "
-                                 "every image")
+        self._check_can_choose(genres)
         fs = storage.resolve(self.files[0])[0]
         paths = [storage.resolve(f)[1] for f in self.files]
         shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
@@ -254,23 +258,23 @@ class Spectrograms:
     def small_columns(self, names: list[str], genres: list[str] = ()) -> pa.Table:
         """Some columns of every row (of some genres only, given `genres`), read here without Ray: the small ones
         that plan a fine-tune (the parquet files' other columns stay unread)."""
-        if genres and "genre" not in self.columns:
-            raise AudiodiffError(f"{self.uri}: has no genre column, so --genre cannot choose; leave it out to use "
-                                 "every image")
+        self._check_can_choose(genres)
         wanted = list(dict.fromkeys([*names, *(["genre"] if genres else [])]))
-        tables = []
-        for file in self.files:
+
+        def columns_of(file: str) -> pa.Table:
             fs, path = storage.resolve(file)
             try:
                 if path.endswith(".parquet"):
-                    tables.append(pq.read_table(path, filesystem=fs, columns=wanted))
-                else:
-                    with fs.open_input_stream(path) as f:
-                        tables.append(pa.ipc.open_stream(f).read_all().select(wanted))
+                    return pq.read_table(path, filesystem=fs, columns=wanted)
+                with fs.open_input_stream(path) as f:
+                    return pa.ipc.open_stream(f).read_all().select(wanted)
             except (OSError, KeyError, pa.ArrowInvalid) as e:
                 raise AudiodiffError(f"{file}: not a part of a spectrogram dataset ({type(e).__name__}: {e}); "
                                      "preprocess the audio again") from None
-        table = pa.concat_tables(tables)
+
+        # the files at once: on object storage each is a round trip or more
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            table = pa.concat_tables(pool.map(columns_of, self.files))
         return table.filter(pc.is_in(table["genre"], pa.array(list(genres)))) if genres else table
 
     def first_image_size(self) -> tuple[int, int]:

@@ -173,16 +173,18 @@ def plan_run(config: TrainConfig, parts: PipelineParts) -> tuple[RunPlan, dict[s
         flagged = _flagged(dataset, keys, genres)
         datasets, blocks, where = {}, None, None
         if in_memory:  # one pass: the held-out images are picked from the materialised blocks
-            train = _decoded(flagged, (height, width), config.data, genres).materialize()
-            held = np.concatenate([block["image"][block["held_out"]] for block in ray.get(train.to_numpy_refs())])
-            if parts.vqvae is not None:
-                train = _split(train, False).map_batches(
+            decoded = _decoded(flagged, (height, width), config.data, genres).materialize()
+            blocks = decoded.to_numpy_refs()
+            fetched = ray.get(blocks)
+            held = np.concatenate([block["image"][block["held_out"]] for block in fetched])
+            if parts.vqvae is not None:  # the training rows' latents, in blocks of their own
+                blocks = _split(decoded, False).map_batches(
                     LatentDistributions, fn_constructor_args=(config.model, config.gpu),
                     batch_size=config.batch_size, num_gpus=1 if config.gpu else 0,
                     num_cpus=1 if config.gpu else ACTOR_CPUS,
-                    compute=ray.data.ActorPoolStrategy(size=config.num_workers)).materialize()
-            blocks = train.to_numpy_refs()
-            where = _training_rows(ray.get(blocks))
+                    compute=ray.data.ActorPoolStrategy(size=config.num_workers)).materialize().to_numpy_refs()
+                fetched = ray.get(blocks)
+            where = _training_rows(fetched)
         else:
             held = np.stack([row["image"] for row in
                              _decoded(_split(flagged, True), (height, width), config.data, genres).take_all()])
