@@ -53,13 +53,15 @@ def init_ray(address: str | None = None) -> None:
         _loopback_mode()
         # the dashboard serves the State API that Ray Train's controller queries; on loopback only. Workers are told
         # its address (left to look, they find every Ray on the machine and fail when there are two), and Ray Train's
-        # controller checks its workers every 0.5 s, not 2 s, since a short fine-tune waits on those checks
+        # controller checks its workers every 0.5 s, not 2 s, since a short fine-tune waits on those checks. No node
+        # of a local Ray is preempted: Ray Train's preemption watcher, an actor more per fine-tune, stays off
         port = free_loopback_port()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, _temp_dir=private_temp_dir(),
                  _system_config={"num_workers_soft_limit": idle_workers()},
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
+                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
 def idle_workers() -> int:
