@@ -92,7 +92,8 @@ def stages(tmp_path, model_folder):
 
 @pytest.mark.parametrize("stage", ["preprocess", "finetune", "finetune model", "generate", "remix", "evaluate"])
 def test_every_stage_refuses_a_local_input_before_work_on_a_cluster_that_can_grow(cluster, tmp_path, model_folder,
-                                                                                 stage):
+                                                                                 stage, s3_endpoint):
+    # s3_endpoint: the outputs' s3://b/ is the loopback server's (alone, this test looked their bucket up on AWS)
     run, config, local = stages(tmp_path, model_folder)[stage]
     kuberay(cluster)
     with pytest.raises(AudiodiffError, match=f"^{local}: a local path, but the Ray cluster has 1 nodes and can add "
