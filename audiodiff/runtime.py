@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import socket
@@ -58,17 +57,9 @@ def init_ray(address: str | None = None) -> None:
         port = free_loopback_port()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, _temp_dir=private_temp_dir(),
-                 _system_config={"num_workers_soft_limit": idle_workers()},
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                                            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
-
-
-def idle_workers() -> int:
-    """The idle worker processes a local Ray keeps: as many as our CPU shares let run at once (1 / LIGHT_CPUS a CPU).
-    Ray keeps one a CPU and kills the rest after a second idle, so each pass of a stage, and the stage after a
-    fine-tune's actors, started its light workers again and imported their modules again (BENCHMARKS.md)."""
-    return math.ceil((os.cpu_count() or 1) / LIGHT_CPUS)
 
 
 def free_loopback_port() -> int:
