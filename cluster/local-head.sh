@@ -75,8 +75,9 @@ start() {
   if [[ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then ray get-auth-token --generate >/dev/null; fi
   # A session of its own, so that `stop` ends exactly these processes (never `ray stop`, which ends any Ray). No drain
   # on SIGTERM: it waits for a node with idle workers to go idle, the whole of `stop`'s wait (it is for Serve's
-  # replicas). Ray Train's controller checks its workers every 0.5 s, as a local Ray's does (audiodiff.runtime).
-  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 \
+  # replicas). Ray Train's controller checks its workers every 0.5 s and starts no preemption watcher (this machine's
+  # nodes are not preempted), as a local Ray's (audiodiff.runtime).
+  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 \
     setsid ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
     --dashboard-port="${address##*:}" --temp-dir="$state/ray" --disable-usage-stats "$@" >"$state/head.log" 2>&1 &
   echo $! >"$state/head.pid"
