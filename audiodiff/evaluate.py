@@ -56,7 +56,6 @@ from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
-from audiodiff.models import load_mel_config
 from audiodiff.outputs import MANIFEST, output_file, read_manifest
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 
@@ -260,6 +259,8 @@ def _open_side(name: str, uri: str) -> _Side:
 
 
 def _model_mel(model: str, named: str) -> MelConfig:
+    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow every embedding actor
+
     try:
         return load_mel_config(model)
     except (AudiodiffError, OSError) as e:

@@ -31,7 +31,6 @@ from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
 from audiodiff.metrics import MEL_DIM, mel_embedding
-from audiodiff.models import load_mel_config
 from audiodiff.runtime import LIGHT_CPUS, worker_errors
 
 # Mean dB apart at the best alignment: training slices remixed at strength 0.1 by the tiny model trained on the
@@ -249,6 +248,8 @@ def clip_images(uri: str, training: str) -> tuple[list[tuple[str, np.ndarray]], 
         models = {r["model"] for r in rows}
         if len(models) == 1:
             model = models.pop()
+            from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow every worker
+
             try:
                 made_with = load_mel_config(model)
             except (AudiodiffError, OSError):
