@@ -208,7 +208,7 @@ def griffin_lim(run: Run, mel) -> None:
 def train_step(run: Run, unet) -> None:
     s = run.setting
     model = copy.deepcopy(unet).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as finetune's
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     batch, size = s["train_batch"], s["height"]
     clean = torch.rand(batch, 1, size, size, device=run.device) * 2 - 1
