@@ -24,6 +24,7 @@ import json
 import posixpath
 import re
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +38,10 @@ from ray.data.expressions import col
 from audiodiff import ownership, storage
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
-from audiodiff.mel import MelConfig
 from audiodiff.runtime import LIGHT_CPUS
+
+if TYPE_CHECKING:
+    from audiodiff.mel import MelConfig
 
 SLICE_SCHEMA = pa.schema(
     [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("audio_file", pa.string()),
@@ -307,6 +310,8 @@ class Spectrograms:
 def mel_config(uri: str) -> MelConfig | None:
     """The codec's numbers a dataset's images were made with (mel_config.json, written first); teticio's datasets
     have none."""
+    from audiodiff.mel import MelConfig  # here: the codec's torch import would slow every Ray Data step of this module
+
     path = storage.join(uri, MEL_CONFIG)
     return MelConfig.from_json(storage.read_text(path), path) if storage.exists(path) else None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,9 @@ from ray.data.datasource import Datasink
 from audiodiff import ownership, storage
 from audiodiff.encode import png_bytes, wav_bytes
 from audiodiff.gallery import gallery_html
-from audiodiff.mel import MelConfig
+
+if TYPE_CHECKING:  # the codec's module imports torch, which the write tasks need not
+    from audiodiff.mel import MelConfig
 
 CLIPS_DIR = "clips"
 MANIFEST = "manifest.parquet"
