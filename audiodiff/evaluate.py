@@ -259,7 +259,7 @@ def _open_side(name: str, uri: str) -> _Side:
 
 
 def _model_mel(model: str, named: str) -> MelConfig:
-    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow every embedding actor
+    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow this module's Ray workers
 
     try:
         return load_mel_config(model)

@@ -235,6 +235,8 @@ def clip_images(uri: str, training: str) -> tuple[list[tuple[str, np.ndarray]], 
     """The clips under `uri` as (name, uint8 image) in the mel config of the `training` data, and that config: a
     generate output's PNGs (named by clip id; the inputs of audio-to-audio outputs left out), whose model must
     share it, or audio files, cut into slices by its codec (named by file)."""
+    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow this module's Ray workers
+
     mel = training_mel(training)
     if not storage.exists(uri):
         raise AudiodiffError(f"--clips {uri}: not found")
@@ -248,8 +250,6 @@ def clip_images(uri: str, training: str) -> tuple[list[tuple[str, np.ndarray]], 
         models = {r["model"] for r in rows}
         if len(models) == 1:
             model = models.pop()
-            from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow every worker
-
             try:
                 made_with = load_mel_config(model)
             except (AudiodiffError, OSError):
