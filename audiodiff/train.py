@@ -145,7 +145,7 @@ def _initial_vectors(parts: PipelineParts, genres: list[str], seed: int) -> torc
 
 def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["config"])
-    plan: RunPlan = loop_config["plan"]
+    plan = RunPlan(**loop_config["plan"])
     # Ray Train logs every report of every worker at INFO ("Reporting training result ..."); our line suffices
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     torch.set_num_threads(plan.threads)
@@ -313,7 +313,8 @@ def run_finetune(config: TrainConfig, callbacks: tuple = ()) -> dict:
     fs, checkpoints = storage.resolve(config.checkpoints)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "plan": plan},
+        # plain values: Ray Train's controller unpickles this, and a RunPlan would import diffusers there (2.4 s)
+        train_loop_config={"config": dataclasses.asdict(config), "plan": vars(plan)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu,
             resources_per_worker={"CPU": plan.cpus, **({"GPU": 1} if config.gpu else {})}),
