@@ -3,11 +3,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASUREMENTS = ["machine", "unet_forward", "ddim50", "griffin_lim", "ddpm_overhead", "train_step", "diffusers_pipeline",
                 "done"]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_run_writes_a_json_line_per_measurement_without_ray(tmp_path):
     out = tmp_path / "bench.jsonl"
     # the GPU machine has no Ray: the script must not need it (nor pyarrow, which would cost 45 MiB of wheels)

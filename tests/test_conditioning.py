@@ -60,6 +60,7 @@ def test_latent_pipeline_saved_by_diffusers_generates_remixes_and_fine_tunes(loc
     assert output.images[0].size == (mel.x_res, mel.y_res)
 
 
+@pytest.mark.slow
 def test_conditional_model_makes_a_clip_per_encoding_and_refuses_encodings_of_the_wrong_size(
         local_ray, tiny_conditional_pipeline_folder, tmp_path, capsys):
     model = str(tiny_conditional_pipeline_folder)

@@ -312,6 +312,7 @@ def test_a_users_torchscript_embedding_plugs_in(music, local_ray, tmp_path):
     assert result["frechet_distance"] == pytest.approx(distance(*expected), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_floors_show_clips_at_the_limit_of_their_codec(music, local_ray, tmp_path):
     # clips that are the reference's own genre rendered through the tiny preset's codec and Griffin-Lim, one
     # 64-frame slice (1.5 s) a clip as a tiny model makes them: as good as its clips can get, so they sit at the

@@ -80,6 +80,7 @@ def test_a_new_sampler_makes_clips_and_the_manifest_names_it(local_ray, tiny_mod
     assert not np.array_equal(image(tmp_path / "o", rows[0]["clip_id"]), image(tmp_path / "o", rows[1]["clip_id"]))
 
 
+@pytest.mark.slow
 def test_same_clip_at_any_batch_size_and_number_of_actors(local_ray, tiny_model, tmp_path):
     # fp32's contract: a lone actor takes both cores (clips.cpu_threads), two take one each, and bf16's rounding
     # differs between thread counts, which this untrained model amplifies (tests/test_precision.py: bf16's, fitted)
@@ -230,6 +231,7 @@ def test_bad_model_unwritable_output_and_changed_settings(local_ray, tiny_model,
     assert "holds clips made with other settings (steps differ)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_tiny_model_makes_long_clips_with_the_default_overlap_and_says_its_progress(
         local_ray, tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")

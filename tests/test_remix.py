@@ -44,6 +44,7 @@ def run(*args):
     assert main([*map(str, args)]) == 0
 
 
+@pytest.mark.slow
 def test_remix_keeps_the_chosen_seconds_of_every_slice_and_records_rejects(local_ray, tiny_model, tracks, tmp_path):
     out = tmp_path / "remix"
     run("remix", tracks, "--model", tiny_model, "--output", out, "--variations", 2, "--strength", 0.7,
@@ -81,6 +82,7 @@ def test_remix_keeps_the_chosen_seconds_of_every_slice_and_records_rejects(local
     assert {png: os.stat(out / png).st_mtime_ns for png in others} == others
 
 
+@pytest.mark.slow
 def test_whole_track_remix_joins_the_slices_in_order(local_ray, tiny_model, tracks, tmp_path):
     out = tmp_path / "whole"
     run("remix", tracks / "beats.wav", "--model", tiny_model, "--output", out, "--whole-track", "--strength", 0.4,
@@ -115,6 +117,7 @@ def test_a_batch_of_remixes_equals_the_same_remixes_one_by_one(tiny_model):
         assert difference.max() <= 1 and (difference > 0).mean() < 0.005
 
 
+@pytest.mark.slow
 def test_continue_makes_tracks_of_the_asked_length_that_begin_with_the_input(local_ray, tiny_model, tracks, tmp_path):
     out = tmp_path / "continued"
     run("continue", tracks / "drone.wav", "--model", tiny_model, "--output", out, "--seconds", 9.5, "--overlap", 0.4,
@@ -131,6 +134,7 @@ def test_continue_makes_tracks_of_the_asked_length_that_begin_with_the_input(loc
     assert np.array_equal(source, drone[continued["slice"]].numpy())  # the track's last slice
 
 
+@pytest.mark.slow
 def test_generate_seconds_writes_one_long_clip(local_ray, tiny_model, tmp_path):
     out = tmp_path / "long"
     run("generate", "--model", tiny_model, "--output", out, "--scheduler", "ddim", "--steps", 2, "--seconds", 60,
@@ -141,6 +145,7 @@ def test_generate_seconds_writes_one_long_clip(local_ray, tiny_model, tmp_path):
     assert image(out, clip["png"]).shape == (64, MEL.width_for_seconds(60))
 
 
+@pytest.mark.slow
 def test_interpolation_runs_from_one_input_to_the_other(local_ray, tiny_model, tracks, tmp_path):
     out = tmp_path / "between"
     run("interpolate", tracks / "drone.wav", tracks / "beats.wav", "--model", tiny_model, "--output", out,
