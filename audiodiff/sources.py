@@ -22,7 +22,7 @@ import ray
 
 from audiodiff import checks, storage
 from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre
-from audiodiff.dataset import ArrowStreamFiles, filter_genres, is_saved_dataset
+from audiodiff.dataset import ArrowStreamFiles, filter_genres, is_saved_dataset, read_parquet
 from audiodiff.errors import AudiodiffError
 from audiodiff.runtime import LIGHT_CPUS
 
@@ -159,7 +159,7 @@ def _open_parquet(paths: list[str], filesystem, uri: str, settings: TrackSetting
     if "audio" not in schema.names:
         raise AudiodiffError(f"{uri}: parquet has no 'audio' column (columns: {', '.join(schema.names)})")
     columns = ["audio"] + (["genre"] if "genre" in schema.names else [])
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True, num_cpus=LIGHT_CPUS)
+    dataset = read_parquet(paths, filesystem=filesystem, include_paths=True)
     return _hf_tracks(dataset.select_columns(columns + ["path"]), genres, settings)
 
 
