@@ -32,7 +32,8 @@ from audiodiff.conditioning import read_encodings
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
-from audiodiff.models import load_mel_config, load_model, model_identity
+from audiodiff.model_files import load_mel_config
+from audiodiff.models import load_model, model_identity
 from audiodiff.outputs import (GALLERY, MANIFEST, MANIFEST_SCHEMA, PEAK_DBFS, SETTINGS, ClipSink, finished_clips,
                                write_manifest_and_gallery)
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, require_gpus, \

@@ -54,6 +54,7 @@ from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import Spectrograms, decode_image, mel_config, open_spectrograms
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
+from audiodiff.model_files import load_mel_config
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
 from audiodiff.outputs import MANIFEST, output_file, read_manifest
@@ -259,8 +260,6 @@ def _open_side(name: str, uri: str) -> _Side:
 
 
 def _model_mel(model: str, named: str) -> MelConfig:
-    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow this module's Ray workers
-
     try:
         return load_mel_config(model)
     except (AudiodiffError, OSError) as e:

@@ -30,6 +30,7 @@ from audiodiff.dataset import decode_images, mel_config, open_spectrograms
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
+from audiodiff.model_files import load_mel_config
 from audiodiff.metrics import MEL_DIM, mel_embedding
 from audiodiff.runtime import LIGHT_CPUS, worker_errors
 
@@ -235,8 +236,6 @@ def clip_images(uri: str, training: str) -> tuple[list[tuple[str, np.ndarray]], 
     """The clips under `uri` as (name, uint8 image) in the mel config of the `training` data, and that config: a
     generate output's PNGs (named by clip id; the inputs of audio-to-audio outputs left out), whose model must
     share it, or audio files, cut into slices by its codec (named by file)."""
-    from audiodiff.models import load_mel_config  # here: diffusers' 3 s import would slow this module's Ray workers
-
     mel = training_mel(training)
     if not storage.exists(uri):
         raise AudiodiffError(f"--clips {uri}: not found")

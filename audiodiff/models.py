@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from audiodiff import sampling, storage
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelConfig
+from audiodiff.model_files import PRESETS, download_from_hub, no_such_model
 from audiodiff.unets import full_unet, tiny_unet
 
 # a saved model names its training schedule's class; samplers are built on its config (audiodiff.sampling)
@@ -115,11 +116,8 @@ class PipelineParts:
         return self.unet.config.cross_attention_dim if isinstance(self.unet, UNet2DConditionModel) else None
 
 
-# preset: (UNet builder, mel config, size of the genre vectors of its conditional variant)
-PRESETS = {
-    "full": (full_unet, MelConfig(), 128),
-    "tiny": (tiny_unet, MelConfig(x_res=64, y_res=64), 32),
-}
+# preset: (UNet builder, size of the genre vectors of its conditional variant); its mel config is PRESETS'
+PRESET_UNETS = {"full": (full_unet, 128), "tiny": (tiny_unet, 32)}
 
 
 def new_model(preset: str, seed: int = 0, conditional: bool = False) -> PipelineParts:
@@ -128,7 +126,7 @@ def new_model(preset: str, seed: int = 0, conditional: bool = False) -> Pipeline
     their own), without touching the global random state."""
     if preset not in PRESETS:
         raise AudiodiffError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
-    make_unet, mel, dim = PRESETS[preset]
+    (make_unet, dim), mel = PRESET_UNETS[preset], PRESETS[preset]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = make_unet(dim if conditional else None)
@@ -166,12 +164,7 @@ def _local_folder(name: str) -> str:
         return storage.resolve(name)[1]
     if storage.is_hub_id(name):
         return _download_pipeline_from_hub(name)
-    raise _no_such_model(name)
-
-
-def _no_such_model(name: str) -> AudiodiffError:
-    return AudiodiffError(f"{name}: no such model folder, and not a hub id (owner/name), an s3:// or gs:// URI "
-                          f"or a preset ({', '.join(sorted(PRESETS))})")
+    raise no_such_model(name)
 
 
 def _pipeline_files(paths) -> list[str]:
@@ -274,24 +267,13 @@ def _version(fs: pafs.FileSystem, info: pafs.FileInfo) -> tuple:
 def _download_pipeline_from_hub(repo_id: str) -> str:
     """The pipeline's files in huggingface_hub's cache: configs and safetensors, and a component's pickled .bin
     only where it has no safetensors."""
-    folder = _download_from_hub(repo_id, ["model_index.json", *(f"{component}/*{ext}" for component in _COMPONENTS
-                                                                 for ext in (".json", ".safetensors"))])
+    folder = download_from_hub(repo_id, ["model_index.json", *(f"{component}/*{ext}" for component in _COMPONENTS
+                                                                for ext in (".json", ".safetensors"))])
     index = _read_json(os.path.join(folder, "model_index.json"), "model_index.json", repo_id)
     pickled = [f"{component}/{_PICKLED_WEIGHTS}" for component in ("unet", "vqvae")
                if _named(index, component) and not os.path.isfile(os.path.join(folder, component, _WEIGHTS))]
     # the same commit as the first call, should the repository change in between
-    return _download_from_hub(repo_id, pickled, revision=os.path.basename(folder)) if pickled else folder
-
-
-def _download_from_hub(repo_id: str, patterns: list[str], revision: str | None = None) -> str:
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, revision=revision)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise AudiodiffError(f"{repo_id}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); pass a local folder or an s3:// / gs:// URI") from None
+    return download_from_hub(repo_id, pickled, revision=os.path.basename(folder)) if pickled else folder
 
 
 def _named(index: dict, component: str) -> str | None:
@@ -430,17 +412,3 @@ def _write_model_folder(parts: PipelineParts, folder: str) -> None:
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def load_mel_config(name: str) -> MelConfig:
-    """Only the mel config of a model (preset, folder, URI or hub id), without loading its weights."""
-    if name in PRESETS:
-        return PRESETS[name][1]
-    if storage.is_remote(name) or os.path.exists(name) or name.startswith("file://"):
-        path = storage.join(name, "mel", "mel_config.json")
-        return MelConfig.from_json(storage.read_text(path), path)
-    if storage.is_hub_id(name):
-        folder = _download_from_hub(name, patterns=["mel/mel_config.json"])
-        return MelConfig.from_json(storage.read_text(os.path.join(folder, "mel", "mel_config.json")),
-                                   f"{name}/mel/mel_config.json")
-    raise _no_such_model(name)

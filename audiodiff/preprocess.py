@@ -29,6 +29,7 @@ from audiodiff.dataset import SpectrogramSink, prepare_output, read_stats
 from audiodiff.encode import png_bytes
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
+from audiodiff.model_files import load_mel_config
 from audiodiff.runtime import ACTOR_CPUS, LIGHT_CPUS, check_paths_reachable, cluster_capacity, worker_errors
 from audiodiff.sources import TrackSettings, describe_skipped, open_source
 
@@ -180,9 +181,6 @@ class SpectrogramMaker:
 
 def resolve_mel_config(config: PreprocessConfig) -> MelConfig:
     if config.model:
-        # imported here, in the driver: the workers that unpickle this module's classes need no diffusers (seconds)
-        from audiodiff.models import load_mel_config
-
         return load_mel_config(config.model)
     if config.mel_config:
         return MelConfig.from_json(storage.read_text(config.mel_config), config.mel_config)

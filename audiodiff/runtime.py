@@ -185,7 +185,7 @@ def check_paths_reachable(shared_path: bool, output: str | None = None, inputs: 
     (every node would write its share to its own disk) and local inputs that workers read (a model folder, a
     dataset, audio: the other nodes do not have them). Hub ids, presets and object-storage URIs are fine; so is
     a path every node mounts (`shared_path`). Every stage calls it with what its workers read and write."""
-    from audiodiff.models import PRESETS
+    from audiodiff.model_files import PRESETS  # here: its mel configs import torch, which light Ray workers need not
 
     local = [p for p in inputs if p not in PRESETS and _local_path(p)]
     if output is not None and not storage.is_remote(output):

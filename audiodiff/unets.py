@@ -1,4 +1,4 @@
-"""The UNets of the presets (audiodiff.models.PRESETS) and the memory a clip takes in them, in a module of its
+"""The UNets of the presets (audiodiff.models.PRESET_UNETS) and the memory a clip takes in them, in a module of its
 own that needs only torch and diffusers: benchmarks/bench_gpu.py builds them and checks the estimate on
 machines without Ray or pyarrow."""
 

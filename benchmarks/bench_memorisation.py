@@ -27,11 +27,11 @@ from audiodiff.dataset import SLICE_SCHEMA, decode_images, open_spectrograms
 from audiodiff.devices import cpu_name
 from audiodiff.encode import png_bytes
 from audiodiff.memorisation import COPY_THRESHOLD_DB, MAX_SHIFT_SHARE, check_clips
-from audiodiff.models import PRESETS
+from audiodiff.model_files import PRESETS
 from audiodiff.runtime import init_ray
 from audiodiff.synth import GENRES, synthesize
 
-MEL = PRESETS["tiny"][1]
+MEL = PRESETS["tiny"]
 SLICES_PER_TRACK = 25
 
 

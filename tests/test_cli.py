@@ -181,7 +181,7 @@ def test_storage_that_refuses_the_credentials_says_which_to_check(local_ray, ref
 
 
 def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
-    from audiodiff import clips, dataset, models, preprocess, sources, train, train_checkpoint
+    from audiodiff import clips, dataset, model_files, preprocess, sources, train, train_checkpoint
     from audiodiff.errors import AudiodiffError
     from audiodiff.generate import GenerateConfig
 
@@ -202,7 +202,7 @@ def test_damaged_files_end_in_one_line_naming_them(tmp_path, monkeypatch):
     refused(lambda: preprocess.resolve_mel_config(config), str(latin1), "not a UTF-8 text file")
     (tmp_path / "model" / "mel").mkdir(parents=True)
     (tmp_path / "model" / "mel" / "mel_config.json").write_bytes(latin1.read_bytes())
-    refused(lambda: models.load_mel_config(str(tmp_path / "model")), "mel_config.json", "not a UTF-8 text file")
+    refused(lambda: model_files.load_mel_config(str(tmp_path / "model")), "mel_config.json", "not a UTF-8 text file")
 
     saved = tmp_path / "saved"
     saved.mkdir()

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from audiodiff import models
+from audiodiff import model_files, models
 from audiodiff.cli import main
 from audiodiff.synth import synthesize
 
@@ -30,7 +30,7 @@ def manifest(folder) -> list[dict]:
 def test_latent_pipeline_saved_by_diffusers_generates_remixes_and_fine_tunes(local_ray, tiny_latent_pipeline_folder,
                                                                              tmp_path, capsys):
     model = str(tiny_latent_pipeline_folder)
-    mel = models.load_mel_config(model)
+    mel = model_files.load_mel_config(model)
     assert main(["generate", "--model", model, "--output", str(tmp_path / "gen"), "--num-clips", "2",
                  "--num-extended", "1", "--extend-factor", "2", *FAST]) == 0
     rows = manifest(tmp_path / "gen")

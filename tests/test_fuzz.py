@@ -182,7 +182,7 @@ def test_a_damaged_image_in_a_batch_names_the_dataset_and_the_row():
 def _spectrogram_dataset(folder, parts: list[list[bytes]]) -> None:
     """A dataset of the tiny model's mel config written directly (no preprocess): one parquet part per list."""
     from audiodiff.dataset import SLICE_SCHEMA
-    from audiodiff.models import load_mel_config
+    from audiodiff.model_files import load_mel_config
 
     (folder / "data").mkdir(parents=True)
     (folder / "mel_config.json").write_text(load_mel_config("tiny").to_json())

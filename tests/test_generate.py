@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from ray.data.block import BlockAccessor
 
-from audiodiff import clips, models, progress, runtime, storage
+from audiodiff import clips, model_files, models, progress, runtime, storage
 from audiodiff import generate as generate_module
 from audiodiff.cli import main
 from audiodiff.clips import WORK_SCHEMA, ClipMaker, ClipSettings, clips_per_batch, cpu_threads, work_dataset
@@ -98,7 +98,7 @@ def test_same_clip_at_any_batch_size_and_number_of_actors(local_ray, tiny_model,
 
 
 def test_planned_clips_come_in_blocks_that_every_actor_can_take(local_ray):
-    mel = models.load_mel_config("tiny")
+    mel = model_files.load_mel_config("tiny")
     rows = [clip_row(f"standard-{i:05d}", i, "standard", 64, mel, "ddim", 2, "tiny") for i in range(10)]
     # one block would feed one actor however many the pool has (found by the two-node test)
     blocks = work_dataset(rows, ClipSettings(model="tiny", output="x", batch_size=2, concurrency=2)).num_blocks()
@@ -263,7 +263,7 @@ def test_seconds_are_bounded_to_an_hour_before_any_work():
 
 def test_the_writer_encodes_the_clips_the_actor_returns_as_arrays(tiny_model, tmp_path):
     config = ClipSettings(model=tiny_model, output=str(tmp_path), scheduler="ddim", steps=2, precision="fp32")
-    mel = models.load_mel_config(tiny_model)
+    mel = model_files.load_mel_config(tiny_model)
     rows = [{**clip_row(f"standard-{i:05d}", i, "standard", 64, mel, "ddim", 2, tiny_model), "starts": []}
             for i in range(2)]
     made = ClipMaker(config)(pa.Table.from_pylist(rows, schema=WORK_SCHEMA))
@@ -301,7 +301,7 @@ def test_clips_per_batch_follow_a_memory_budget_per_width():
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_until_it_fits(tiny_model, monkeypatch):
-    mel = models.load_mel_config(tiny_model)
+    mel = model_files.load_mel_config(tiny_model)
     rows = [{**clip_row(f"standard-{i:05d}", i, "standard", 64, mel, "ddim", 2, tiny_model), "starts": []}
             for i in range(3)]
     table = pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
