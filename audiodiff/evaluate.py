@@ -54,9 +54,9 @@ from audiodiff.audio import AUDIO_EXTENSIONS, folder_genre, load_audio, resample
 from audiodiff.dataset import Spectrograms, decode_image, mel_config, open_spectrograms
 from audiodiff.errors import AudiodiffError, BadAudioError
 from audiodiff.mel import MelCodec, MelConfig
-from audiodiff.model_files import load_mel_config
 from audiodiff.metrics import (MEL_DIM, distances, embedding_statistics, frechet_distance, halves, kernel_distance,
                                median_bandwidth, mel_embedding)
+from audiodiff.model_files import load_mel_config
 from audiodiff.outputs import MANIFEST, output_file, read_manifest
 from audiodiff.runtime import LIGHT_CPUS, check_paths_reachable, cluster_capacity
 

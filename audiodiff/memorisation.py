@@ -30,8 +30,8 @@ from audiodiff.dataset import decode_images, mel_config, open_spectrograms
 from audiodiff.encode import png_image
 from audiodiff.errors import AudiodiffError
 from audiodiff.mel import MelCodec, MelConfig, is_silent
-from audiodiff.model_files import load_mel_config
 from audiodiff.metrics import MEL_DIM, mel_embedding
+from audiodiff.model_files import load_mel_config
 from audiodiff.runtime import LIGHT_CPUS, worker_errors
 
 # Mean dB apart at the best alignment: training slices remixed at strength 0.1 by the tiny model trained on the
