@@ -59,12 +59,6 @@ class _Opened:
     read: Callable[[int], np.ndarray]  # (most frames) -> a block, empty at the end
 
 
-def decode(data: bytes, source: str) -> tuple[np.ndarray, int]:
-    """Encoded audio -> (float32 [samples, channels], sample rate). Raises BadAudioError naming `source`."""
-    with _opened(data, source) as file, _decoder(file, source) as f:
-        return np.concatenate(list(_checked_blocks(f, source, None, BLOCK_FRAMES))), f.sample_rate
-
-
 def stream_audio(data: bytes | str | os.PathLike | BinaryIO, sample_rate: int, source: str,
                  max_seconds: float | None = None, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
     """Encoded bytes, a local file or an open binary file -> mono float32 blocks at `sample_rate`, decoded,
