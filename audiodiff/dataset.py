@@ -358,7 +358,8 @@ def decode_images(batch: dict[str, np.ndarray], size: tuple[int, int] | None = N
 def read_parquet(paths: list[str], **options) -> ray.data.Dataset:
     """`ray.data.read_parquet` of files already listed, on Ray Data's first parquet path: its second lists them
     again in a task (1.4-3.8 s against 0.1-0.6 s for the demo's dataset) whose threads race at the end and at times
-    print an InterruptedError traceback into the job's log (ray-project/ray#64388)."""
+    print an InterruptedError traceback into the job's log (ray-project/ray#64388). Sets the process's current
+    DataContext, so Ray Data's later parquet reads here take the first path too."""
     ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet(paths, num_cpus=LIGHT_CPUS, **options)
 

@@ -313,7 +313,7 @@ def run_finetune(config: TrainConfig, callbacks: tuple = ()) -> dict:
     fs, checkpoints = storage.resolve(config.checkpoints)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        # plain values: Ray Train's controller unpickles this, and a RunPlan would import diffusers there (2.4 s)
+        # plain values: Ray Train's controller unpickles this, and a RunPlan would import diffusers there (3.5 s)
         train_loop_config={"config": dataclasses.asdict(config), "plan": vars(plan)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu,
